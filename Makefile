@@ -1,0 +1,59 @@
+# The two commands of the README:
+#   make dev    start the service on http://127.0.0.1:3000 (DynamoDB Local, local Stripe simulator)
+#   make test   install everything and run every check and test
+# Each one installs what it needs itself (a venv in .venv, SAM CLI in .venv-sam, DynamoDB Local in .cache).
+
+PYTHON ?= python3.11
+VENV := .venv
+SAMVENV := .venv-sam
+PY := $(VENV)/bin/python
+export SAM_CLI_TELEMETRY := 0
+export AWS_DEFAULT_REGION ?= us-east-1
+
+.PHONY: dev test install lint typecheck template-lint pytest bench soak clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; run: make PYTHON=python3 ..."; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# SAM CLI pins its own boto3 and friends, so it lives in a venv of its own.
+$(SAMVENV)/.installed:
+	$(PYTHON) -m venv $(SAMVENV)
+	$(SAMVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SAMVENV)/bin/python -m pip install --quiet 'aws-sam-cli>=1.130'
+	touch $@
+
+.cache/dynamodb-local/DynamoDBLocal.jar: | $(VENV)/.installed
+	$(PY) -c 'from user_credits.local.dynamodb_local import ensure_jar; print(ensure_jar())'
+
+install: $(VENV)/.installed $(SAMVENV)/.installed .cache/dynamodb-local/DynamoDBLocal.jar
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check shared functions tests benchmarks
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy shared
+
+template-lint: $(VENV)/.installed $(SAMVENV)/.installed
+	$(VENV)/bin/cfn-lint template.yaml
+	AWS_ACCESS_KEY_ID=none AWS_SECRET_ACCESS_KEY=none $(SAMVENV)/bin/sam validate --lint --template template.yaml
+
+pytest: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test: install lint typecheck template-lint pytest
+
+dev: $(VENV)/.installed .cache/dynamodb-local/DynamoDBLocal.jar
+	$(VENV)/bin/user-credits dev
+
+bench: install
+	$(PY) -m benchmarks.run
+
+soak: install
+	HYPOTHESIS_PROFILE=soak $(VENV)/bin/pytest -q tests/reliability $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(SAMVENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,139 @@
+"""The one place that builds a resolver, runs the pre-routing checks and maps errors to HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
+from aws_lambda_powertools.event_handler.api_gateway import Router
+from aws_lambda_powertools.event_handler.openapi.exceptions import (
+    RequestUnsupportedContentType,
+    RequestValidationError,
+)
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
+
+from user_credits.api.auth import check_caller
+from user_credits.config import load_settings
+from user_credits.errors import (
+    CreditsError,
+    MalformedJson,
+    PayloadTooLarge,
+    RouteNotFound,
+    ServiceBusy,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from user_credits.observability import logger, metrics
+from user_credits.store.models import bind_tables
+
+MAX_BODY_BYTES = 256 * 1024
+RETRY_AFTER_SECONDS = "1"
+_THROTTLING = {
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TransactionConflictException",
+    "TransactionInProgressException",
+}
+
+
+def error_response(error: CreditsError) -> Response[str]:
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(error, ServiceBusy) else None
+    return Response(
+        status_code=error.http_status,
+        content_type="application/json",
+        body=json.dumps(error.body()),
+        headers=headers,
+    )
+
+
+def _describe(errors: list[Any]) -> str:
+    parts = []
+    for err in errors[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def build_app(*routers: Router) -> APIGatewayHttpResolver:
+    app = APIGatewayHttpResolver(enable_validation=True)
+    for router in routers:
+        app.include_router(router)
+
+    @app.exception_handler(CreditsError)
+    def _credits_error(error: CreditsError) -> Response[str]:
+        if error.http_status >= 500:
+            logger.exception("request failed", extra={"code": error.code})
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(error: RequestValidationError) -> Response[str]:
+        errors = list(error.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(MalformedJson("the body is not valid JSON"))
+        return error_response(ValidationFailed(_describe(errors)))
+
+    @app.exception_handler(RequestUnsupportedContentType)
+    def _media(error: RequestUnsupportedContentType) -> Response[str]:
+        return error_response(UnsupportedMediaType("send JSON with Content-Type: application/json"))
+
+    @app.exception_handler(ClientError)
+    def _aws(error: ClientError) -> Response[str]:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in _THROTTLING:
+            return error_response(ServiceBusy("the service is busy, retry shortly"))
+        logger.exception("AWS call failed", extra={"code": code})
+        return error_response(CreditsError("internal error"))
+
+    @app.not_found
+    def _not_found(_: Exception) -> Response[str]:
+        return error_response(RouteNotFound("no such route"))
+
+    return app
+
+
+def _body_size(event: Mapping[str, Any]) -> int:
+    body = event.get("body") or ""
+    if not isinstance(body, str):
+        return 0
+    if event.get("isBase64Encoded"):
+        return len(body) * 3 // 4
+    return len(body.encode("utf-8"))
+
+
+def handle(app: APIGatewayHttpResolver, event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Size and caller checks come first: nothing is parsed for a caller who may not call."""
+    try:
+        path = str(event.get("rawPath") or "")
+        user_id = check_caller(event, path)
+        if _body_size(event) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+        bind_tables(load_settings())
+    except CreditsError as error:
+        return _early_response(error)
+    app.append_context(user_id=user_id)
+    return app.resolve(event, context)
+
+
+def lambda_entry(*routers: Router) -> Any:
+    """The Lambda handler of a function that serves `routers`: logging context, then `handle`."""
+    app = build_app(*routers)
+
+    @logger.inject_lambda_context(clear_state=True)
+    @metrics.log_metrics
+    def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+        return handle(app, event, context)
+
+    handler.app = app  # type: ignore[attr-defined]  # the local server and OpenAPI export read it
+    return handler
+
+
+def _early_response(error: CreditsError) -> dict[str, Any]:
+    """The same shape the resolver returns, for refusals made before routing."""
+    response = error_response(error)
+    headers: dict[str, Any] = {"Content-Type": "application/json", **(response.headers or {})}
+    return {"statusCode": response.status_code, "headers": headers, "body": response.body,
+            "isBase64Encoded": False, "cookies": []}

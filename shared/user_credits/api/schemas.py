@@ -1,0 +1,84 @@
+"""Request models, strict by SPEC 3: exact JSON types, bounded integers, no unknown fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+ID_PATTERN: Final = r"^[A-Za-z0-9_\-.:@]{1,128}$"
+MAX_INT: Final = 10**15
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN, min_length=1, max_length=128)]
+Tag = Annotated[str, StringConstraints(pattern=ID_PATTERN, min_length=1, max_length=128)]
+Currency = Annotated[str, StringConstraints(pattern=r"^[a-z]{3}$")]
+NonNegative = Annotated[int, Field(ge=0, le=MAX_INT)]
+Positive = Annotated[int, Field(ge=1, le=MAX_INT)]
+AnyInt = Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)]
+Cycle = Literal["once", "daily", "weekly", "bi-weekly", "monthly", "trimester", "semester", "yearly", "custom"]
+
+
+class StrictModel(BaseModel):
+    # strict: "2", 2.0 and true are not integers, 1 is not a boolean; forbid: typos are errors.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class CombinedItemIn(StrictModel):
+    offerId: Id
+    offerGroup: Id
+    quantity: Positive
+
+
+class OfferIn(StrictModel):
+    offerId: Id | None = None
+    name: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    kind: Literal["subscription", "tokens", "expertise"] = "tokens"
+    offerGroup: Id
+    tokens: NonNegative
+    cycle: Cycle
+    customCycleSeconds: Positive | None = None
+    appendDate: bool = False
+    prices: Annotated[dict[Currency, NonNegative], Field(min_length=1, max_length=200)]
+    quantityLimit: Positive | None = None
+    tags: Annotated[list[Tag], Field(max_length=100)] = []
+    unlockedBy: Annotated[list[Id], Field(max_length=100)] = []
+    overridingKey: Id | None = None
+    weight: AnyInt = 0
+    popular: bool = False
+    combinedItems: Annotated[list[CombinedItemIn], Field(max_length=50)] = []
+    active: bool = True
+
+    @model_validator(mode="after")
+    def _custom_cycle_needs_seconds(self) -> OfferIn:
+        if self.cycle == "custom" and self.customCycleSeconds is None:
+            raise ValueError("customCycleSeconds is required when cycle is custom")
+        if self.cycle != "custom" and self.customCycleSeconds is not None:
+            raise ValueError("customCycleSeconds is only allowed when cycle is custom")
+        return self
+
+
+class OrderIn(StrictModel):
+    offerId: Id
+    quantity: Positive = 1
+    currency: Currency | None = None
+
+
+class ConsumeIn(StrictModel):
+    offerGroup: Id
+    tokens: Positive
+    maxOverdraft: NonNegative = 0
+
+
+class GrantIn(StrictModel):
+    offerGroup: Id
+    # Corrective grants may be negative; zero changes nothing and is refused.
+    tokens: Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)]
+    # ISO 8601 strings are the JSON form of a time, so this one field is parsed leniently.
+    expiresAt: Annotated[AwareDatetime, Field(strict=False)] | None = None
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _non_zero(self) -> GrantIn:
+        if self.tokens == 0:
+            raise ValueError("tokens must not be 0")
+        return self

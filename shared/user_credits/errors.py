@@ -1,0 +1,126 @@
+"""Every failure the service reports, as a named error with its one HTTP status and code.
+
+This module is the one map from error to HTTP: `api.errors` turns any `CreditsError` into
+`{"error": code, "message": text}` with `http_status`; nothing else picks a status for a failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CreditsError(Exception):
+    http_status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class ValidationFailed(CreditsError):
+    http_status = 422
+    code = "validation_error"
+
+
+class MalformedJson(CreditsError):
+    http_status = 400
+    code = "validation_error"
+
+
+class CurrencyNotSupported(CreditsError):
+    http_status = 422
+    code = "currency_not_supported"
+
+
+class QuantityLimitExceeded(CreditsError):
+    http_status = 422
+    code = "quantity_limit_exceeded"
+
+
+class Unauthorized(CreditsError):
+    http_status = 401
+    code = "unauthorized"
+
+
+class Forbidden(CreditsError):
+    http_status = 403
+    code = "forbidden"
+
+
+class PayloadTooLarge(CreditsError):
+    http_status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(CreditsError):
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+class OfferNotFound(CreditsError):
+    http_status = 404
+    code = "offer_not_found"
+
+
+class OrderNotFound(CreditsError):
+    http_status = 404
+    code = "order_not_found"
+
+
+class RouteNotFound(CreditsError):
+    http_status = 404
+    code = "not_found"
+
+
+class OfferLocked(CreditsError):
+    http_status = 409
+    code = "offer_locked"
+
+
+class OfferInactive(CreditsError):
+    http_status = 409
+    code = "offer_inactive"
+
+
+class InsufficientCredits(CreditsError):
+    http_status = 402
+    code = "insufficient_credits"
+
+
+class CreditsExpired(CreditsError):
+    http_status = 402
+    code = "credits_expired"
+
+
+class IdempotencyKeyReused(CreditsError):
+    http_status = 422
+    code = "idempotency_key_reused"
+
+
+class InvalidSignature(CreditsError):
+    http_status = 400
+    code = "invalid_signature"
+
+
+class ServiceBusy(CreditsError):
+    """Throttling or contention outlasted our retries: the caller should retry (503 + Retry-After)."""
+
+    http_status = 503
+    code = "service_unavailable"
+
+
+class PaymentProviderError(CreditsError):
+    """Stripe failed or could not be reached; nothing was stored, the caller may retry."""
+
+    http_status = 502
+    code = "payment_provider_error"
+
+
+class ConfigurationError(CreditsError):
+    http_status = 500
+    code = "configuration_error"

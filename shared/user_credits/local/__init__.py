@@ -1,0 +1,1 @@
+"""Running the service off AWS: tables and routes read from template.yaml, DynamoDB Local, dev server."""

@@ -1,0 +1,1 @@
+"""DynamoDB behind small named modules: pynamodb models and the few conditional writes we run."""

@@ -1,0 +1,196 @@
+"""PynamoDB models for the four tables that template.yaml declares.
+
+Table names are not known at import time (they come from the environment), so `bind_tables` sets them
+on every model before the first call of each invocation.
+
+Accounts table (hash `userId`, range `sk`) holds one user's balances (`GROUP#<group>`) and orders
+(`ORDER#<orderId>`) side by side, so that `GET /credits` is a single Query. The ledger lives in its own
+table so that a hot balance does not share its partition's write capacity with its own history.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pynamodb.attributes import (
+    DiscriminatorAttribute,
+    JSONAttribute,
+    NumberAttribute,
+    UnicodeAttribute,
+    UTCDateTimeAttribute,
+)
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
+from pynamodb.models import Model
+
+from user_credits.config import Settings
+
+GROUP_PREFIX = "GROUP#"
+ORDER_PREFIX = "ORDER#"
+
+
+class OfferRecord(Model):
+    class Meta:
+        table_name = "unbound-offers"
+
+    offerId = UnicodeAttribute(hash_key=True)
+    # The whole validated offer as JSON: offers are always read and written whole.
+    document = JSONAttribute()
+    updatedAt = UTCDateTimeAttribute()
+
+
+class ExpiryIndex(GlobalSecondaryIndex["BalanceRecord"]):
+    """Sparse: only balances that expire carry `expiryBucket` (the UTC day) and `expirySort`."""
+
+    class Meta:
+        index_name = "byExpiry"
+        projection = AllProjection()
+
+    expiryBucket = UnicodeAttribute(hash_key=True)
+    expirySort = UnicodeAttribute(range_key=True)
+
+
+class PaymentIntentIndex(GlobalSecondaryIndex["OrderRecord"]):
+    """Sparse: finds an order from a Stripe charge, which names only its PaymentIntent."""
+
+    class Meta:
+        index_name = "byPaymentIntent"
+        projection = KeysOnlyProjection()
+
+    paymentIntentId = UnicodeAttribute(hash_key=True)
+
+
+class AccountItem(Model):
+    class Meta:
+        table_name = "unbound-accounts"
+
+    userId = UnicodeAttribute(hash_key=True)
+    sk = UnicodeAttribute(range_key=True)
+    itemType = DiscriminatorAttribute()
+
+
+class BalanceRecord(AccountItem, discriminator="balance"):
+    offerGroup = UnicodeAttribute()
+    balance = NumberAttribute(default=0)
+    # None: the group never expires.
+    expiresAt = UTCDateTimeAttribute(null=True)
+    # Incremented by every change: the order of the ledger entries of this group, and the
+    # optimistic-concurrency token of the read-then-write paths (purchase, refund, grant, expiry).
+    seq = NumberAttribute(default=0)
+    expiryBucket = UnicodeAttribute(null=True)
+    expirySort = UnicodeAttribute(null=True)
+    # The expiresAt for which a CreditsExpiringSoon event was already sent (one per instant).
+    warnedFor = UTCDateTimeAttribute(null=True)
+    # The threshold state for CreditsLow, so that one event goes out per downward crossing.
+    updatedAt = UTCDateTimeAttribute(null=True)
+
+    byExpiry = ExpiryIndex()
+
+
+class OrderRecord(AccountItem, discriminator="order"):
+    orderId = UnicodeAttribute()
+    offerId = UnicodeAttribute()
+    offerGroup = UnicodeAttribute()
+    quantity = NumberAttribute()
+    amount = NumberAttribute()
+    currency = UnicodeAttribute()
+    status = UnicodeAttribute()
+    tokens = NumberAttribute()
+    createdAt = UTCDateTimeAttribute()
+    startsAt = UTCDateTimeAttribute(null=True)
+    expiresAt = UTCDateTimeAttribute(null=True)
+    paymentIntentId = UnicodeAttribute(null=True)
+    # What was credited, per group, so a refund revokes proportionally from each (JSON list).
+    credits = JSONAttribute(null=True)
+    # Tokens already accounted for by refunds (revoked or recorded as shortfall).
+    revokedTokens = NumberAttribute(default=0)
+    amountRefunded = NumberAttribute(default=0)
+    # The offer as it was when ordered, so that a catalog change cannot alter what was bought.
+    offerSnapshot = JSONAttribute(null=True)
+
+    byPaymentIntent = PaymentIntentIndex()
+
+
+class GroupIndex(GlobalSecondaryIndex["LedgerRecord"]):
+    class Meta:
+        index_name = "byGroup"
+        projection = AllProjection()
+
+    userGroup = UnicodeAttribute(hash_key=True)
+    entryKey = UnicodeAttribute(range_key=True)
+
+
+class LedgerRecord(Model):
+    """One balance change. `entryKey` sorts by time (newest last), so reads go backwards."""
+
+    class Meta:
+        table_name = "unbound-ledger"
+
+    userId = UnicodeAttribute(hash_key=True)
+    entryKey = UnicodeAttribute(range_key=True)
+    userGroup = UnicodeAttribute()
+    offerGroup = UnicodeAttribute()
+    delta = NumberAttribute()
+    balanceAfter = NumberAttribute()
+    reason = UnicodeAttribute()
+    seq = NumberAttribute()
+    at = UTCDateTimeAttribute()
+    orderId = UnicodeAttribute(null=True)
+    idempotencyKey = UnicodeAttribute(null=True)
+    # Tokens a refund could not revoke because the balance would have gone below 0.
+    shortfall = NumberAttribute(null=True)
+
+    byGroup = GroupIndex()
+
+
+class IdempotencyRecord(Model):
+    """A request's `Idempotency-Key` (per user and route) and the response it got; expires after 24 h."""
+
+    class Meta:
+        table_name = "unbound-idempotency"
+
+    key = UnicodeAttribute(hash_key=True)
+    requestHash = UnicodeAttribute()
+    status = UnicodeAttribute()  # in_progress | completed
+    statusCode = NumberAttribute(null=True)
+    response = JSONAttribute(null=True)
+    ttl = NumberAttribute()
+    createdAt = UTCDateTimeAttribute()
+
+
+ALL_MODELS: tuple[type[Model], ...] = (OfferRecord, AccountItem, LedgerRecord, IdempotencyRecord)
+
+_bound: tuple[str, str, str, str] | None = None
+
+
+def bind_tables(settings: Settings) -> None:
+    """Point every model at the configured tables (cheap; only rebinds when the names change)."""
+    global _bound
+    names = (settings.offers_table, settings.accounts_table, settings.ledger_table, settings.idempotency_table)
+    if _bound == names:
+        return
+    OfferRecord.Meta.table_name = settings.offers_table
+    for account_model in (AccountItem, BalanceRecord, OrderRecord):
+        account_model.Meta.table_name = settings.accounts_table
+    LedgerRecord.Meta.table_name = settings.ledger_table
+    IdempotencyRecord.Meta.table_name = settings.idempotency_table
+    models: tuple[type[Model], ...] = (
+        OfferRecord, AccountItem, BalanceRecord, OrderRecord, LedgerRecord, IdempotencyRecord,
+    )
+    for model in models:
+        # A cached connection keeps the old table name (and the old endpoint).
+        model._connection = None
+    _bound = names
+
+
+def group_sk(offer_group: str) -> str:
+    return GROUP_PREFIX + offer_group
+
+
+def order_sk(order_id: str) -> str:
+    return ORDER_PREFIX + order_id
+
+
+def raw_item(record: Model) -> dict[str, Any]:
+    """The record serialized the way DynamoDB stores it (for transactions built by hand)."""
+    data: dict[str, Any] = record.serialize()
+    return data
