@@ -15,6 +15,7 @@ from typing import Any
 
 import boto3
 import pytest
+
 from user_credits.config import load_settings
 from user_credits.events import publisher
 from user_credits.local import template as tpl
