@@ -13,7 +13,8 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestValidationError,
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
+from pynamodb.exceptions import PynamoDBException
 
 from user_credits.api.auth import check_caller
 from user_credits.config import load_settings
@@ -82,10 +83,26 @@ def build_app(*routers: Router) -> APIGatewayHttpResolver:
 
     @app.exception_handler(ClientError)
     def _aws(error: ClientError) -> Response[str]:
-        code = error.response.get("Error", {}).get("Code", "")
-        if code in _THROTTLING:
-            return error_response(ServiceBusy("the service is busy, retry shortly"))
-        logger.exception("AWS call failed", extra={"code": code})
+        return _aws_failure(str(error.response.get("Error", {}).get("Code", "")))
+
+    @app.exception_handler(PynamoDBException)
+    def _dynamodb(error: PynamoDBException) -> Response[str]:
+        # pynamodb wraps botocore's errors; what happened is on its cause.
+        if isinstance(error.cause, BotoCoreError):
+            return _transport(error.cause)
+        code = error.cause.response.get("Error", {}).get("Code", "") if isinstance(error.cause, ClientError) else ""
+        return _aws_failure(str(code))
+
+    @app.exception_handler(BotoCoreError)
+    def _transport(error: BotoCoreError) -> Response[str]:
+        # Timeouts and dropped connections: nothing is known to have happened, the caller may retry.
+        logger.warning("AWS unreachable", extra={"error": type(error).__name__})
+        return error_response(ServiceBusy("a dependency timed out, retry shortly"))
+
+    @app.exception_handler(Exception)
+    def _unexpected(error: Exception) -> Response[str]:
+        # A bug, not bad input: keep the contract's error shape and leave the stack in the log.
+        logger.exception("unexpected error")
         return error_response(CreditsError("internal error"))
 
     @app.not_found
@@ -93,6 +110,13 @@ def build_app(*routers: Router) -> APIGatewayHttpResolver:
         return error_response(RouteNotFound("no such route"))
 
     return app
+
+
+def _aws_failure(code: str) -> Response[str]:
+    if code in _THROTTLING:
+        return error_response(ServiceBusy("the service is busy, retry shortly"))
+    logger.exception("AWS call failed", extra={"code": code})
+    return error_response(CreditsError("internal error"))
 
 
 def _body_size(event: Mapping[str, Any]) -> int:
@@ -115,6 +139,10 @@ def handle(app: APIGatewayHttpResolver, event: dict[str, Any], context: LambdaCo
     except CreditsError as error:
         return _early_response(error)
     app.append_context(user_id=user_id)
+    request_context = event.get("requestContext") or {}
+    logger.append_keys(
+        request_id=request_context.get("requestId"), route=event.get("routeKey"), user_id=user_id
+    )
     return app.resolve(event, context)
 
 
