@@ -163,7 +163,12 @@ def load_handler(spec: FunctionSpec) -> Any:
         raise ImportError(f"cannot load {file}")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[unique] = module
-    loader_spec.loader.exec_module(module)
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException:
+        # A half-imported module must not be found by the next attempt.
+        del sys.modules[unique]
+        raise
     return getattr(module, attr)
 
 
