@@ -1,0 +1,75 @@
+"""What a user holds (one Query) and the history of how it changed (the ledger, newest first)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any, Final
+
+from user_credits.domain.balances import Balance
+from user_credits.errors import ValidationFailed
+from user_credits.store import ledger as ledger_store
+from user_credits.store.models import AccountItem, BalanceRecord, OrderRecord
+from user_credits.store.orders import to_order
+
+# Orders that still stand for credits the user bought. `partially_refunded` keeps its unrevoked part;
+# `refunded`, `pending`, `failed`, `canceled` and `inconsistent` credited nothing that remains.
+LISTED_ORDER_STATUSES = ("paid", "partially_refunded")
+
+
+def credits_of(user_id: str) -> dict[str, Any]:
+    """Balances and paid orders from ONE Query of the user's partition of the accounts table."""
+    groups: list[dict[str, Any]] = []
+    orders: list[dict[str, Any]] = []
+    for record in AccountItem.query(user_id):
+        if isinstance(record, BalanceRecord):
+            balance = Balance(user_id, record.offerGroup, int(record.balance), record.expiresAt)
+            groups.append(balance.to_json())
+        elif isinstance(record, OrderRecord) and record.status in LISTED_ORDER_STATUSES:
+            orders.append(to_order(record).to_json())
+    groups.sort(key=lambda g: g["offerGroup"])
+    orders.sort(key=lambda o: (o["createdAt"] or "", o["orderId"]), reverse=True)
+    return {"userId": user_id, "groups": groups, "orders": orders}
+
+
+DEFAULT_LIMIT: Final = 50
+MAX_LIMIT: Final = 1000
+_ENTRY_KEY = re.compile(r"^\d{8}T\d{6}\.\d{6}#[A-Za-z0-9_\-.:@]{1,128}#\d{12}$")
+
+
+def encode_cursor(entry_key: str) -> str:
+    """Opaque to clients; it only names the last entry seen, so the user and group come from the
+    request, never from the cursor (a cursor cannot open someone else's ledger)."""
+    raw = json.dumps({"after": entry_key}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        after = json.loads(raw)["after"]
+    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
+        raise ValidationFailed("cursor is not a cursor this service returned") from exc
+    if not isinstance(after, str) or not _ENTRY_KEY.fullmatch(after):
+        raise ValidationFailed("cursor is not a cursor this service returned")
+    return after
+
+
+def parse_limit(raw: str | None) -> int:
+    """A strict decimal integer 1..1000 (query strings are text, so `2.0`, `+3` and `1e2` are refused)."""
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= MAX_LIMIT:
+        raise ValidationFailed(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def ledger_of(user_id: str, offer_group: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
+    after = None if cursor is None else decode_cursor(cursor)
+    page = ledger_store.read_page(user_id, offer_group, limit, after)
+    return {
+        "items": [entry.to_json() for entry in page.entries],
+        "nextCursor": None if page.last_key is None else encode_cursor(page.last_key),
+    }
