@@ -227,3 +227,16 @@ def fresh_service(moto_backend: Backend, monkeypatch: pytest.MonkeyPatch, events
     client = moto_backend.client()
     tables = tpl.create_tables(client, f"fresh-{uuid.uuid4().hex[:8]}")
     return Service(Backend("moto", moto_backend.endpoint, tables), monkeypatch, events)
+
+
+@pytest.fixture
+def balanced() -> Any:
+    """Asserts SPEC 1's invariant for the given users: balance == sum of ledger deltas, per group."""
+    from user_credits.logic.invariants import check_user
+
+    def check(*user_ids: str) -> None:
+        for user_id in user_ids:
+            report = check_user(user_id)
+            assert report.ok, report.mismatches
+
+    return check

@@ -11,6 +11,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 from user_credits.api.context import current_user, idempotency_key
 from user_credits.api.responses import json_response
 from user_credits.api.schemas import ID_PATTERN, ConsumeIn
+from user_credits.errors import ValidationFailed
 from user_credits.logic import consumption, credits
 
 consume_router = Router()
@@ -24,8 +25,15 @@ LimitQuery = Annotated[str | None, Query(max_length=16)]
 CursorQuery = Annotated[str | None, Query(min_length=1, max_length=2048)]
 
 
+def require_json_object(router: Router) -> None:
+    """Powertools validates a body `[{...}]` as its first element; SPEC 3 wants the object itself."""
+    if not isinstance(router.current_event.json_body, dict):
+        raise ValidationFailed("the body must be a JSON object")
+
+
 @consume_router.post("/users/<userId>/consume")
 def consume(userId: UserIdPath, request: ConsumeIn) -> Response[str]:
+    require_json_object(consume_router)
     result = consumption.consume_tokens(
         userId, request.offerGroup, request.tokens, request.maxOverdraft, idempotency_key(consume_router),
         request.model_dump(),
