@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pynamodb.expressions.update import Action
+from pynamodb.transactions import TransactWrite
+
 from user_credits.domain.orders import Order
-from user_credits.store.models import ORDER_PREFIX, OrderRecord
+from user_credits.store.models import ORDER_PREFIX, OrderRecord, order_sk
 
 
 def to_order(record: OrderRecord) -> Order:
@@ -27,3 +32,49 @@ def to_order(record: OrderRecord) -> Order:
 def list_orders(user_id: str) -> list[Order]:
     records = OrderRecord.query(user_id, OrderRecord.sk.startswith(ORDER_PREFIX))
     return [to_order(r) for r in records if isinstance(r, OrderRecord)]
+
+
+def read_order(user_id: str, order_id: str) -> OrderRecord | None:
+    """The order as stored (consistent read), or None; only its owner's partition is searched."""
+    try:
+        record = OrderRecord.get(user_id, order_sk(order_id), consistent_read=True)
+    except OrderRecord.DoesNotExist:
+        return None
+    return record if isinstance(record, OrderRecord) else None
+
+
+def find_order_key_by_payment_intent(payment_intent_id: str) -> tuple[str, str] | None:
+    """(userId, orderId) from the sparse byPaymentIntent index; the caller then reads the order by key.
+
+    The index is eventually consistent and keys-only, so it only points the way: the order itself is
+    always read with a consistent GetItem before any decision is made.
+    """
+    for record in OrderRecord.byPaymentIntent.query(payment_intent_id, limit=1):
+        if record.sk.startswith(ORDER_PREFIX):
+            return record.userId, record.sk[len(ORDER_PREFIX):]
+    return None
+
+
+def new_order_record(order: Order, *, credits: list[dict[str, Any]], offer_snapshot: dict[str, Any]) -> OrderRecord:
+    return OrderRecord(
+        order.user_id, order_sk(order.order_id), orderId=order.order_id, offerId=order.offer_id,
+        offerGroup=order.offer_group, quantity=order.quantity, amount=order.amount, currency=order.currency,
+        status=order.status, tokens=order.tokens, createdAt=order.created_at, startsAt=order.starts_at,
+        expiresAt=order.expires_at, paymentIntentId=order.payment_intent_id, credits=credits,
+        revokedTokens=0, amountRefunded=0, offerSnapshot=offer_snapshot,
+    )
+
+
+def stage_new_order(tx: TransactWrite, record: OrderRecord) -> None:
+    """Put the order; fails the transaction if an order with this id exists (a replayed create)."""
+    tx.save(record, condition=OrderRecord.sk.does_not_exist())
+
+
+def stage_order_update(tx: TransactWrite, record: OrderRecord, actions: list[Action]) -> None:
+    """Update the order only if its status and refunded amount are still what we read.
+
+    This is the exactly-once guard of the webhook: a duplicate or concurrent delivery read the same
+    status, so only one of them can commit; the others re-read and find nothing left to do.
+    """
+    condition = (OrderRecord.status == record.status) & (OrderRecord.amountRefunded == int(record.amountRefunded))
+    tx.update(record, actions=actions, condition=condition)

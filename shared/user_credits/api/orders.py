@@ -1,0 +1,32 @@
+"""Routes of purchases: POST /orders and GET /orders/{orderId} (user)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from aws_lambda_powertools.event_handler import Response
+from aws_lambda_powertools.event_handler.api_gateway import Router
+from aws_lambda_powertools.event_handler.openapi.params import Path
+
+from user_credits.api.context import current_user, idempotency_key
+from user_credits.api.responses import json_response
+from user_credits.api.schemas import ID_PATTERN, OrderIn
+from user_credits.logic import purchases
+
+router = Router()
+
+OrderIdPath = Annotated[str, Path(pattern=ID_PATTERN, min_length=1, max_length=128)]
+
+
+@router.post("/orders")
+def create_order(order: OrderIn) -> Response[str]:
+    user_id = current_user(router)
+    key = idempotency_key(router)
+    request = purchases.OrderRequest(order.offerId, order.quantity, order.currency)
+    status, body = purchases.create_order(user_id, request, order.model_dump(exclude_unset=True), key)
+    return json_response(status, body)
+
+
+@router.get("/orders/<orderId>")
+def get_order(orderId: OrderIdPath) -> dict[str, Any]:
+    return {"order": purchases.get_order(current_user(router), orderId).to_json()}

@@ -1,0 +1,491 @@
+"""Purchases (SPEC 2.3, 2.4): creating orders, and applying Stripe's word about their payment, once.
+
+Every effect of a payment event (the order's new status, each group's balance and expiry, the ledger
+entries, the record of the Stripe event) is one DynamoDB transaction, conditioned on the order's status
+and on each group's sequence number as they were read. A duplicate or concurrent delivery either
+loses that race and re-reads, or reads after the winner committed; either way it finds the order no
+longer waiting for that event and does nothing. Events go to EventBridge only after the commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Final
+
+from pynamodb.attributes import UTCDateTimeAttribute
+from pynamodb.expressions.update import Action
+from pynamodb.transactions import TransactWrite
+
+from user_credits.config import load_settings
+from user_credits.domain.clock import to_iso, utc_now
+from user_credits.domain.crediting import (
+    Change,
+    CreditTerms,
+    GroupCredit,
+    GroupSnapshot,
+    credit_group,
+    group_lines,
+    purchase_terms,
+    refund_status,
+    revoke_from_group,
+)
+from user_credits.domain.offers import Offer, is_visible
+from user_credits.domain.orders import Order, holdings_from_orders
+from user_credits.errors import (
+    CurrencyNotSupported,
+    OfferInactive,
+    OfferLocked,
+    OfferNotFound,
+    OrderNotFound,
+    QuantityLimitExceeded,
+    ServiceBusy,
+)
+from user_credits.events.publisher import publish
+from user_credits.observability import count, logger
+from user_credits.payments import gateway, secrets
+from user_credits.payments.webhooks import StripeEvent, verify_event
+from user_credits.store import idempotency
+from user_credits.store import offers as offer_store
+from user_credits.store import orders as order_store
+from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
+from user_credits.store.models import OrderRecord
+from user_credits.store.transactions import StaleRead, commit, optimistic
+
+ORDER_ROUTE: Final = "POST /orders"
+# Fixed forever: order ids derived from (user, Idempotency-Key) must come out the same after a deploy.
+ORDER_ID_NAMESPACE: Final = uuid.UUID("5d0c8f0e-6f1a-4c53-9a57-0b8f3c1e2a41")
+WEBHOOK_SCOPE: Final = ("stripe", "webhook")
+
+
+# ---------------------------------------------------------------- creating orders
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    offer_id: str
+    quantity: int = 1
+    currency: str | None = None
+
+
+def order_id_for(user_id: str, key: str | None) -> str:
+    """With an Idempotency-Key the id is derived from it, so a retry after a crash reuses the same
+    Stripe idempotency key (the order id) and gets the same PaymentIntent, not a second one."""
+    if key is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(ORDER_ID_NAMESPACE, f"{user_id}\n{key}"))
+
+
+def _item_offers(offer: Offer) -> dict[str, Offer]:
+    items: dict[str, Offer] = {}
+    for item in offer.combined_items:
+        if item.offer_id not in items:
+            found = offer_store.load_offer(item.offer_id)
+            if found is None:
+                raise OfferNotFound(f"the bundle's item offer {item.offer_id!r} does not exist")
+            items[item.offer_id] = found
+    return items
+
+
+def _orderable_offer(user_id: str, request: OrderRequest, now: datetime) -> tuple[Offer, str]:
+    """SPEC 2.3's checks, all before any write or Stripe call; returns the offer and the currency."""
+    offer = offer_store.load_offer(request.offer_id)
+    if offer is None:
+        raise OfferNotFound(f"no offer {request.offer_id!r}")
+    if not offer.active:
+        raise OfferInactive(f"the offer {offer.offer_id!r} is not for sale")
+    holdings = holdings_from_orders(order_store.list_orders(user_id), now)
+    if not is_visible(offer, holdings):
+        raise OfferLocked(f"the offer {offer.offer_id!r} is not unlocked for this user")
+    if offer.quantity_limit is not None and request.quantity > offer.quantity_limit:
+        raise QuantityLimitExceeded(f"at most {offer.quantity_limit} of {offer.offer_id!r} per order")
+    currency = request.currency or load_settings().default_currency
+    if currency not in offer.prices:
+        raise CurrencyNotSupported(f"{offer.offer_id!r} has no price in {currency!r}")
+    return offer, currency
+
+
+def _snapshot(offer: Offer, items: Mapping[str, Offer], lines: Sequence[CreditTerms]) -> dict[str, Any]:
+    """What was bought, frozen at order time: a later catalog edit cannot change what is credited."""
+    return {
+        "offer": offer.to_json(),
+        "itemOffers": {k: v.to_json() for k, v in items.items()},
+        "lines": [line.to_json() for line in lines],
+    }
+
+
+def create_order(
+    user_id: str, request: OrderRequest, body: Mapping[str, Any], key: str | None
+) -> tuple[int, dict[str, Any]]:
+    """POST /orders: (status, body). With an Idempotency-Key, a repeat returns the first response."""
+    record_key = body_hash = None
+    if key is not None:
+        record_key = idempotency.scoped_key(user_id, ORDER_ROUTE, key)
+        body_hash = idempotency.request_hash(dict(body))
+        stored = idempotency.lookup(record_key, body_hash)
+        if stored is not None:
+            return stored.status_code, stored.body
+    now = utc_now()
+    offer, currency = _orderable_offer(user_id, request, now)
+    items = _item_offers(offer)
+    lines = purchase_terms(offer, request.quantity, items)
+    order = Order(
+        order_id=order_id_for(user_id, key), user_id=user_id, offer_id=offer.offer_id,
+        offer_group=offer.offer_group, quantity=request.quantity, amount=offer.prices[currency] * request.quantity,
+        currency=currency, status="pending", tokens=offer.tokens * request.quantity, created_at=now,
+    )
+    snapshot = _snapshot(offer, items, lines)
+    if order.amount == 0:
+        return _create_free_order(order, lines, snapshot, record_key, body_hash)
+    intent = gateway.create_payment_intent(
+        order_id=order.order_id, user_id=user_id, amount=order.amount, currency=currency
+    )
+    order = replace(order, payment_intent_id=intent.payment_intent_id)
+    response = {"order": order.to_json(client_secret=intent.client_secret)}
+    record = order_store.new_order_record(order, credits=[], offer_snapshot=snapshot)
+
+    def build(tx: TransactWrite) -> None:
+        order_store.stage_new_order(tx, record)
+        if record_key is not None and body_hash is not None:
+            idempotency.stage_record(tx, record_key, body_hash, 201, response, now)
+
+    try:
+        commit(build)
+    except StaleRead:
+        # Only a request with the same key can collide on a derived order id: answer what it answered.
+        return _replay_or_busy(record_key, body_hash)
+    return 201, response
+
+
+def _replay_or_busy(record_key: str | None, body_hash: str | None) -> tuple[int, dict[str, Any]]:
+    if record_key is not None and body_hash is not None:
+        stored = idempotency.lookup(record_key, body_hash)
+        if stored is not None:
+            return stored.status_code, stored.body
+    raise ServiceBusy("a request with the same Idempotency-Key is in progress, retry shortly")
+
+
+def _create_free_order(
+    order: Order, lines: Sequence[CreditTerms], snapshot: dict[str, Any], record_key: str | None,
+    body_hash: str | None,
+) -> tuple[int, dict[str, Any]]:
+    """An order of amount 0 is stored paid and credited in the same transaction as the webhook would."""
+
+    def attempt() -> tuple[int, dict[str, Any], list[CreditResult]]:
+        if record_key is not None and body_hash is not None:
+            stored = idempotency.lookup(record_key, body_hash)
+            if stored is not None:
+                return stored.status_code, stored.body, []
+        now = utc_now()
+        plan = plan_credit(order.user_id, lines, now)
+        paid = plan.paid_order(order)
+        response = {"order": paid.to_json()}
+        record = order_store.new_order_record(paid, credits=plan.credits_json(), offer_snapshot=snapshot)
+        results: list[CreditResult] = []
+
+        def build(tx: TransactWrite) -> None:
+            order_store.stage_new_order(tx, record)
+            results.extend(plan.stage(tx, order.order_id, now))
+            if record_key is not None and body_hash is not None:
+                idempotency.stage_record(tx, record_key, body_hash, 201, response, now)
+
+        commit(build)
+        return 201, response, results
+
+    status, response, results = optimistic(attempt)
+    _announce_credits(order.user_id, order.order_id, results)
+    return status, response
+
+
+def get_order(user_id: str, order_id: str) -> Order:
+    """The owner's order; anyone else gets the same 404 as for an order that does not exist."""
+    record = order_store.read_order(user_id, order_id)
+    if record is None:
+        raise OrderNotFound(f"no order {order_id!r}")
+    return order_store.to_order(record)
+
+
+# ---------------------------------------------------------------- crediting (shared by webhook and free orders)
+
+
+@dataclass(frozen=True)
+class CreditResult:
+    offer_group: str
+    tokens: int
+    balance: int
+    expires_at: datetime | None
+
+
+def _snapshot_of(state: GroupState) -> GroupSnapshot:
+    return GroupSnapshot(state.offer_group, state.balance, state.expires_at, state.exists)
+
+
+def _drafts(changes: Sequence[Change], order_id: str) -> list[EntryDraft]:
+    return [EntryDraft(c.delta, c.reason, order_id=order_id, shortfall=c.shortfall) for c in changes]
+
+
+@dataclass(frozen=True)
+class CreditPlan:
+    """Each group the order credits, as read, and what the domain decided to do with it."""
+
+    groups: tuple[tuple[GroupState, GroupCredit], ...]
+
+    def paid_order(self, order: Order) -> Order:
+        # The order's own period is its main line's: the first line of the first group (the offer's).
+        main = self.groups[0][1].periods[0]
+        return replace(order, status="paid", starts_at=main.starts_at, expires_at=main.expires_at)
+
+    def credits_json(self) -> list[dict[str, Any]]:
+        return [{"offerGroup": credit.offer_group, "tokens": credit.tokens, "revoked": 0} for _, credit in self.groups]
+
+    def stage(self, tx: TransactWrite, order_id: str, now: datetime) -> list[CreditResult]:
+        results = []
+        for state, credit in self.groups:
+            after, _ = stage_group_change(tx, state, _drafts(credit.changes, order_id), credit.expires_at, now)
+            results.append(CreditResult(credit.offer_group, credit.tokens, after.balance, after.expires_at))
+        return results
+
+
+def plan_credit(user_id: str, lines: Sequence[CreditTerms], now: datetime) -> CreditPlan:
+    """Read each group once and apply all of the order's lines for it (SPEC 2.4)."""
+    groups = []
+    for offer_group, group_terms in group_lines(lines).items():
+        state = read_group(user_id, offer_group)
+        groups.append((state, credit_group(_snapshot_of(state), group_terms, now)))
+    return CreditPlan(tuple(groups))
+
+
+def _announce_credits(user_id: str, order_id: str, results: Sequence[CreditResult]) -> None:
+    for result in results:
+        publish("CreditsGranted", {
+            "userId": user_id, "offerGroup": result.offer_group, "balance": result.balance,
+            "expiresAt": to_iso(result.expires_at), "orderId": order_id, "tokens": result.tokens,
+        })
+
+
+# ---------------------------------------------------------------- the Stripe webhook
+
+
+@dataclass
+class WebhookOutcome:
+    """What one delivery did; `after_commit` holds the events to send once the transaction is in."""
+
+    action: str
+    order_id: str | None = None
+    after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+def receive_stripe_webhook(payload: str, signature: str | None) -> WebhookOutcome:
+    """Verify, then apply the event. Only transient faults escape (so Stripe retries); duplicates,
+    unknown orders and event types we do not use are acknowledged."""
+    event = verify_event(payload, signature, secrets.webhook_secret)
+    handler = _HANDLERS.get(event.type)
+    outcome = WebhookOutcome("ignored") if handler is None else handler(event)
+    for detail_type, detail in outcome.after_commit:
+        publish(detail_type, detail)
+    count(f"StripeEvent_{outcome.action}")
+    logger.info("stripe event", extra={"type": event.type, "event_id": event.event_id, "action": outcome.action,
+                                      "order_id": outcome.order_id})
+    return outcome
+
+
+def _stage_event_record(tx: TransactWrite, event: StripeEvent, order_id: str, action: str, now: datetime) -> None:
+    """The record that this Stripe event had its effect, written with that effect (24 h, like keys)."""
+    key = idempotency.scoped_key(WEBHOOK_SCOPE[0], WEBHOOK_SCOPE[1], event.event_id)
+    idempotency.stage_record(
+        tx, key, idempotency.request_hash({"type": event.type, "object": event.object}), 200,
+        {"orderId": order_id, "action": action}, now,
+    )
+
+
+def _order_lines(record: OrderRecord) -> list[CreditTerms]:
+    snapshot = record.offerSnapshot or {}
+    return [CreditTerms.from_json(line) for line in snapshot.get("lines", [])]
+
+
+def _mismatch(record: OrderRecord, event: StripeEvent) -> str | None:
+    received, currency = event.integer("amount_received"), (event.text("currency") or "").lower()
+    if received != int(record.amount):
+        return f"amount_received {received} != order amount {int(record.amount)}"
+    if currency != record.currency:
+        return f"currency {currency!r} != order currency {record.currency!r}"
+    intent_id = event.text("id")
+    if record.paymentIntentId and intent_id != record.paymentIntentId:
+        return f"payment intent {intent_id!r} is not the order's {record.paymentIntentId!r}"
+    return None
+
+
+# A payment can succeed after a failed attempt on the same PaymentIntent (the customer tries another card).
+_PAYABLE: Final = ("pending", "failed")
+
+
+def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
+    ref = event.order_ref()
+    if ref is None:
+        return WebhookOutcome("ignored_no_order")
+    user_id, order_id = ref
+
+    def attempt() -> WebhookOutcome:
+        record = order_store.read_order(user_id, order_id)
+        if record is None:
+            logger.warning("payment for an unknown order", extra={"order_id": order_id})
+            return WebhookOutcome("ignored_unknown_order", order_id)
+        if record.status not in _PAYABLE:
+            return WebhookOutcome("duplicate", order_id)
+        now = utc_now()
+        problem = _mismatch(record, event)
+        if problem is not None:
+            return _mark_inconsistent(record, event, problem, now)
+        order = order_store.to_order(record)
+        plan = plan_credit(user_id, _order_lines(record), now)
+        paid = plan.paid_order(order)
+        results: list[CreditResult] = []
+
+        def build(tx: TransactWrite) -> None:
+            order_store.stage_order_update(tx, record, [
+                OrderRecord.status.set("paid"),
+                _set_or_remove(OrderRecord.startsAt, paid.starts_at),
+                _set_or_remove(OrderRecord.expiresAt, paid.expires_at),
+                OrderRecord.credits.set(plan.credits_json()),
+            ])
+            results.extend(plan.stage(tx, order_id, now))
+            _stage_event_record(tx, event, order_id, "paid", now)
+
+        commit(build)
+        outcome = WebhookOutcome("paid", order_id)
+        outcome.after_commit = [("CreditsGranted", {
+            "userId": user_id, "offerGroup": r.offer_group, "balance": r.balance,
+            "expiresAt": to_iso(r.expires_at), "orderId": order_id, "tokens": r.tokens,
+        }) for r in results]
+        return outcome
+
+    return optimistic(attempt)
+
+
+def _set_or_remove(attribute: UTCDateTimeAttribute, value: datetime | None) -> Action:
+    return attribute.set(value) if value is not None else attribute.remove()
+
+
+def _mark_inconsistent(record: OrderRecord, event: StripeEvent, problem: str, now: datetime) -> WebhookOutcome:
+    group = read_group(record.userId, record.offerGroup)
+
+    def build(tx: TransactWrite) -> None:
+        order_store.stage_order_update(tx, record, [OrderRecord.status.set("inconsistent")])
+        _stage_event_record(tx, event, record.orderId, "inconsistent", now)
+
+    commit(build)
+    logger.error("inconsistent payment", extra={"order_id": record.orderId, "problem": problem})
+    outcome = WebhookOutcome("inconsistent", record.orderId)
+    outcome.after_commit = [("PaymentInconsistent", {
+        "userId": record.userId, "offerGroup": record.offerGroup, "balance": group.balance,
+        "expiresAt": to_iso(group.expires_at), "orderId": record.orderId, "problem": problem,
+        "expected": {"amount": int(record.amount), "currency": record.currency},
+        "received": {"amount": event.integer("amount_received"), "currency": event.text("currency"),
+                     "paymentIntentId": event.text("id")},
+    })]
+    return outcome
+
+
+def _status_change(new_status: str, allowed_from: tuple[str, ...]) -> Callable[[StripeEvent], WebhookOutcome]:
+    """payment_failed and canceled: a status change with no credit, applied once."""
+
+    def on_event(event: StripeEvent) -> WebhookOutcome:
+        ref = event.order_ref()
+        if ref is None:
+            return WebhookOutcome("ignored_no_order")
+        user_id, order_id = ref
+
+        def attempt() -> WebhookOutcome:
+            record = order_store.read_order(user_id, order_id)
+            if record is None:
+                return WebhookOutcome("ignored_unknown_order", order_id)
+            if record.status not in allowed_from:
+                return WebhookOutcome("duplicate", order_id)
+            now = utc_now()
+
+            def build(tx: TransactWrite) -> None:
+                order_store.stage_order_update(tx, record, [OrderRecord.status.set(new_status)])
+                _stage_event_record(tx, event, order_id, new_status, now)
+
+            commit(build)
+            return WebhookOutcome(new_status, order_id)
+
+        return optimistic(attempt)
+
+    return on_event
+
+
+def _refund_target(event: StripeEvent) -> tuple[str, str] | None:
+    """A charge names its PaymentIntent; its metadata names the order only if someone copied it there."""
+    ref = event.order_ref()
+    if ref is not None:
+        return ref
+    intent_id = event.text("payment_intent")
+    return order_store.find_order_key_by_payment_intent(intent_id) if intent_id else None
+
+
+def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
+    """Revoke floor(tokens x refunded / amount) minus what was already revoked, group by group.
+
+    An order may credit several groups (a bundle). Each group gives back its own proportional share,
+    floor(tokens credited to it x refunded / amount), computed from what the order recorded in
+    `credits` when it was paid; for the offer's own group that is exactly SPEC 2.4's formula. Stripe's
+    `amount_refunded` is cumulative, so a later, larger refund takes only the difference, and a
+    duplicate or out-of-order (smaller) one takes nothing.
+    """
+    ref = _refund_target(event)
+    refunded = event.integer("amount_refunded")
+    if ref is None or refunded is None:
+        return WebhookOutcome("ignored_no_order")
+    user_id, order_id = ref
+
+    def attempt() -> WebhookOutcome:
+        record = order_store.read_order(user_id, order_id)
+        if record is None:
+            return WebhookOutcome("ignored_unknown_order", order_id)
+        if record.status not in ("paid", "partially_refunded"):
+            return WebhookOutcome("ignored_not_paid", order_id)
+        amount = int(record.amount)
+        refunded_now = min(refunded, amount)
+        if refunded_now <= int(record.amountRefunded):
+            return WebhookOutcome("duplicate", order_id)
+        now = utc_now()
+        credits = [dict(c) for c in record.credits or []]
+        staged: list[tuple[GroupState, Sequence[Change], datetime | None]] = []
+        accounted = 0
+        for credit in credits:
+            state = read_group(user_id, credit["offerGroup"])
+            revocation = revoke_from_group(
+                _snapshot_of(state), int(credit["tokens"]), int(credit.get("revoked", 0)), refunded_now, amount, now
+            )
+            credit["revoked"] = int(credit.get("revoked", 0)) + revocation.revoked + revocation.shortfall
+            accounted += revocation.revoked + revocation.shortfall
+            if revocation.changes:
+                staged.append((state, revocation.changes, revocation.expires_at))
+        status = refund_status(refunded_now, amount)
+
+        def build(tx: TransactWrite) -> None:
+            order_store.stage_order_update(tx, record, [
+                OrderRecord.status.set(status),
+                OrderRecord.amountRefunded.set(refunded_now),
+                OrderRecord.revokedTokens.set(int(record.revokedTokens or 0) + accounted),
+                OrderRecord.credits.set(credits),
+            ])
+            for state, changes, expires_at in staged:
+                stage_group_change(tx, state, _drafts(changes, order_id), expires_at, now)
+            _stage_event_record(tx, event, order_id, status, now)
+
+        commit(build)
+        return WebhookOutcome(status, order_id)
+
+    return optimistic(attempt)
+
+
+_HANDLERS: Final = {
+    "payment_intent.succeeded": _on_payment_succeeded,
+    "payment_intent.payment_failed": _status_change("failed", ("pending",)),
+    "payment_intent.canceled": _status_change("canceled", ("pending", "failed")),
+    "charge.refunded": _on_charge_refunded,
+}
