@@ -49,9 +49,15 @@ def find_order_key_by_payment_intent(payment_intent_id: str) -> tuple[str, str] 
     The index is eventually consistent and keys-only, so it only points the way: the order itself is
     always read with a consistent GetItem before any decision is made.
     """
-    for record in OrderRecord.byPaymentIntent.query(payment_intent_id, limit=1):
-        if record.sk.startswith(ORDER_PREFIX):
-            return record.userId, record.sk[len(ORDER_PREFIX):]
+    # A low-level query: the model's query would filter on the discriminator, which a keys-only
+    # projection does not carry.
+    page = OrderRecord._get_connection().query(
+        payment_intent_id, index_name=OrderRecord.byPaymentIntent.Meta.index_name, limit=1
+    )
+    for item in page.get("Items", []):
+        user_id, sk = item["userId"]["S"], item["sk"]["S"]
+        if sk.startswith(ORDER_PREFIX):
+            return user_id, sk[len(ORDER_PREFIX):]
     return None
 
 
