@@ -1,0 +1,229 @@
+"""One run of every benchmark, side by side: `python -m benchmarks.run` (what `make bench` calls).
+
+Sections: cold start (fresh interpreters), calls and capacity per request (in this process, DynamoDB
+Local and the local Stripe fake), memory (one fresh process per function), hot balance (warm worker
+processes). Prints a Markdown table per section and writes benchmarks/results/latest.md and latest.json.
+Everything runs on loopback: DynamoDB Local is started here on 127.0.0.1 and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+from benchmarks import calls, cold_start, hot_balance, memory
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, apply_base_env, machine_load, start_engine
+
+SECTIONS = ("cold", "calls", "memory", "hot")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], check=False, capture_output=True, text=True, cwd=REPO_ROOT)
+    return done.stdout.strip()
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"cold_runs": 3, "hot_workers": (1, 4), "hot_duration": 1.0, "many_users": 100, "many_workers": 4,
+                "small_balance": 30, "small_duration": 1.0, "memory_requests": 200}
+    return {"cold_runs": 5, "hot_workers": (1, 2, 4, 8), "hot_duration": 5.0, "many_users": 1000,
+            "many_workers": 8, "small_balance": 100, "small_duration": 2.0, "memory_requests": 1000}
+
+
+def _section(name: str, results: dict[str, Any], markdowns: dict[str, str], produce: Any, render: Any) -> None:
+    started = time.perf_counter()
+    print(f"\n## {name}: running...", flush=True)
+    try:
+        result = produce()
+    except Exception as error:
+        results[name] = {"measured": False, "error": f"{type(error).__name__}: {error}",
+                         "trace": traceback.format_exc(limit=6)}
+        markdowns[name] = f"Not measured: {type(error).__name__}: {error}"
+        print(results[name]["trace"], file=sys.stderr)
+    else:
+        result["section_seconds"] = time.perf_counter() - started
+        results[name] = result
+        markdowns[name] = render(result)
+    print(markdowns[name], flush=True)
+    print(f"({name}: {time.perf_counter() - started:.0f} s)", flush=True)
+
+
+# ---------------------------------------------------------------- the targets of issue 7
+
+
+def _targets(results: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "not measured" if ok is None else ("met" if ok else "**NOT MET**")
+
+    cold = results.get("cold", {})
+    if cold.get("functions"):
+        measured = [f for f in cold["functions"] if f["measured"]]
+        worst = max(measured, key=lambda f: f["ratio_to_boto3"])
+        rows.append(["every handler import <= 2.5x `import boto3`",
+                     f"worst {worst['function']} {worst['ratio_to_boto3']:.2f}x on CPU time "
+                     f"({worst['cpu_median_ms']:.0f} ms vs {cold['boto3_cpu_median_ms']:.0f} ms; wall "
+                     f"{worst['wall_ratio_to_boto3']:.2f}x: {worst['median_ms']:.0f} vs "
+                     f"{cold['boto3_median_ms']:.0f} ms); "
+                     f"{len(measured)} of {len(cold['functions'])} functions measured",
+                     verdict(all(f["within_2_5x"] for f in measured))])
+        offenders = [f["function"] for f in measured if not f["stripe_ok"]]
+        rows.append(["functions that do not talk to Stripe do not import `stripe`",
+                     "imported by: " + (", ".join(offenders) or "none of them"), verdict(not offenders)])
+    else:
+        rows.append(["cold start", "not measured", "not measured"])
+    rows.extend(_call_targets(results.get("calls", {})))
+    rows.extend(_hot_targets(results.get("hot", {})))
+    mem = results.get("memory", {})
+    for row in mem.get("rows", []):
+        if row["measured"]:
+            rows.append([f"no RSS growth over {row['requests']:,} requests: {row['function']}",
+                         f"{row['growth_100_to_last_kib']:+,} KiB from request 100 to {row['requests']:,}; "
+                         f"peak {row['peak_kib'] / 1024:.1f} MiB", verdict(row["no_growth"])])
+    if not mem.get("rows"):
+        rows.append(["memory", "not measured", "not measured"])
+    return rows
+
+
+def _call_targets(result: dict[str, Any]) -> list[list[str]]:
+    found = {(r["route"], r["case"]): r for r in result.get("rows", [])}
+
+    def line(label: str, key: tuple[str, str], limit: str, ok: Any) -> list[str]:
+        row = found.get(key)
+        if row is None or not row.get("measured"):
+            return [label, "not measured", "not measured"]
+        ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in row["operations"].items())
+        figure = f"{row['dynamodb_calls']} calls ({ops}), status {row['status']}; target {limit}"
+        return [label, figure, "met" if ok(row) else "**NOT MET**"]
+
+    consume = "POST /users/{userId}/consume"
+    return [
+        line("consume <= 2 DynamoDB calls (success, no key)", (consume, "success"), "<= 2",
+             lambda r: r["dynamodb_calls"] <= 2 and r["status"] == 200),
+        line("consume <= 2 DynamoDB calls (success with Idempotency-Key)", (consume, "Idempotency-Key first"),
+             "<= 2", lambda r: r["dynamodb_calls"] <= 2 and r["status"] == 200),
+        line("consume refused: <= 2 DynamoDB calls", (consume, "insufficient (402)"), "<= 2",
+             lambda r: r["dynamodb_calls"] <= 2),
+        line("credits: 1 DynamoDB call", ("GET /credits", "own credits"), "1",
+             lambda r: r["dynamodb_calls"] == 1 and r["status"] == 200),
+        line("webhook purchase <= 3 calls plus one transaction",
+             ("POST /webhooks/stripe", "payment_intent.succeeded (purchase)"), "<= 3 + 1 transaction",
+             lambda r: r["dynamodb_calls"] - r["transactions"] <= 3 and r["transactions"] <= 1
+             and r["status"] == 200),
+    ]
+
+
+def _hot_targets(result: dict[str, Any]) -> list[list[str]]:
+    rows = result.get("rows", [])
+    if not rows:
+        return [["hot balance", "not measured", "not measured"]]
+    out = []
+    ours = [r for r in rows if r["implementation"] == "ours"]
+    if not ours:
+        out.append(["ours >= 0.8x floor", "not measured (consume not landed)", "not measured"])
+    for r in ours:
+        if r.get("ratio_to_floor") is not None:
+            out.append([f"ours >= 0.8x floor ({r['scenario']}, N={r['workers']})",
+                        f"{r['ratio_to_floor']:.2f}x ({r['per_second']:,.0f}/s)",
+                        "met" if r["ratio_to_floor"] >= 0.8 else "**NOT MET**"])
+    if ours:
+        bad = [r for r in ours if r["lost_updates"] or r["overdraft"] or r["ledger_mismatched_users"]
+               or not r["ledger_entries_ok"]]
+        out.append(["ours: zero overdrafts and lost updates; balance == initial - successes; ledger complete",
+                    f"{len(ours)} runs, {len(bad)} with a discrepancy", "met" if not bad else "**NOT MET**"])
+    naive = [r for r in rows if r["implementation"] == "naive"]
+    seen = [r for r in naive if r["lost_updates"] or r["overdraft"]]
+    out.append(["naive read-then-write shows lost updates or overdrafts (the benchmark can see them)",
+                "; ".join(f"{r['scenario']} N={r['workers']}: {r['lost_updates']:,} lost, {r['overdraft']:,} "
+                          "overdrawn" for r in naive if r["workers"] > 1),
+                "met" if seen else "**NOT MET**"])
+    return out
+
+
+def _header(settings: dict[str, Any], args: argparse.Namespace, started: datetime, load_before: str,
+            load_after: str, total: float) -> str:
+    dirty = _git("status", "--porcelain", "--", "shared", "functions", "template.yaml")
+    return "\n".join([
+        "# user-credits benchmarks: latest run",
+        "",
+        f"- Command: `{' '.join(['python -m benchmarks.run', *sys.argv[1:]])}`",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; total {total:.0f} s",
+        f"- Commit: {_git('rev-parse', '--short', 'HEAD')}"
+        + (" (with uncommitted changes in shared/, functions/ or template.yaml)" if dirty else ""),
+        f"- Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}; "
+        f"{load_before} at the start, {load_after} at the end (other work shares these CPUs, so absolute "
+        "figures are noisy; the side-by-side ratios matter more)",
+        f"- Settings: {json.dumps(settings)}" + (" (--quick smoke run)" if args.quick else ""),
+        "- Engine: DynamoDB Local (amplify-dynamodb-simulator's jar) on 127.0.0.1, in memory; Stripe: the local "
+        "fake (user_credits.local.stripe_fake).",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a shorter smoke run (about a minute)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/latest.*")
+    args = parser.parse_args(argv)
+    apply_base_env()
+    settings = _settings(args.quick)
+    wanted = args.only or list(SECTIONS)
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    load_before = machine_load()
+    results: dict[str, Any] = {}
+    markdowns: dict[str, str] = {}
+    titles = {"cold": "Cold start", "calls": "Calls and capacity per request", "memory": "Memory",
+              "hot": "Hot balance and many users"}
+    if "cold" in wanted:
+        _section("cold", results, markdowns, lambda: cold_start.run(runs=settings["cold_runs"]), cold_start.markdown)
+    engine = start_engine() if set(wanted) - {"cold"} else None
+    try:
+        if engine is not None:
+            if "calls" in wanted:
+                _section("calls", results, markdowns, lambda: calls.run(engine), calls.markdown)
+            if "memory" in wanted:
+                _section("memory", results, markdowns,
+                         lambda: memory.run(engine, requests=settings["memory_requests"]), memory.markdown)
+            if "hot" in wanted:
+                _section("hot", results, markdowns, lambda: hot_balance.run(
+                    engine, workers=settings["hot_workers"], duration=settings["hot_duration"],
+                    many_users=settings["many_users"], many_workers=settings["many_workers"],
+                    small_balance=settings["small_balance"], small_duration=settings["small_duration"],
+                ), hot_balance.markdown)
+    finally:
+        if engine is not None:
+            engine.stop()
+    total = time.perf_counter() - started
+    header = _header(settings, args, started_at, load_before, machine_load(), total)
+    from benchmarks.common import markdown_table
+
+    summary = markdown_table(["target (issue 7 / issue 4)", "measured", "verdict"], _targets(results))
+    document = [header, "", "## Targets", "", summary]
+    for name in SECTIONS:
+        if name in markdowns:
+            document += ["", f"## {titles[name]}", "", markdowns[name]]
+    text = "\n".join(document) + "\n"
+    print("\n## Targets\n\n" + summary)
+    if not args.no_write:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / "latest.md").write_text(text, encoding="utf-8")
+        payload = {"command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
+                   "started": started_at.isoformat(), "seconds": total, "settings": settings,
+                   "load_before": load_before, "load_after": machine_load(), "commit": _git("rev-parse", "HEAD"),
+                   "results": results}
+        (RESULTS_DIR / "latest.json").write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+        print(f"\nwrote {RESULTS_DIR / 'latest.md'} and latest.json ({total:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
