@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Final, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 ID_PATTERN: Final = r"^[A-Za-z0-9_\-.:@]{1,128}$"
 MAX_INT: Final = 10**15
@@ -76,6 +76,14 @@ class GrantIn(StrictModel):
     # ISO 8601 strings are the JSON form of a time, so this one field is parsed leniently.
     expiresAt: Annotated[AwareDatetime, Field(strict=False)] | None = None
     reason: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+
+    @field_validator("expiresAt", mode="before")
+    @classmethod
+    def _iso_string(cls, value: object) -> object:
+        # Lenient parsing would also take a number as epoch seconds; SPEC 3 says times are ISO strings.
+        if value is not None and not isinstance(value, str):
+            raise ValueError("expiresAt must be an ISO 8601 string with a time zone")
+        return value
 
     @model_validator(mode="after")
     def _non_zero(self) -> GrantIn:

@@ -1,0 +1,163 @@
+"""POST /admin/users/{userId}/grants: promotional and corrective credits, ledger reason `grant`, idempotent."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from user_credits.domain.clock import to_iso
+from user_credits.store.balances import EntryDraft, read_group, stage_group_change
+from user_credits.store.models import LedgerRecord
+from user_credits.store.transactions import commit
+
+
+def iso(days: float) -> str:
+    moment = (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
+    return str(to_iso(moment))
+
+
+def grant(service: Any, user: str, body: dict[str, Any], key: str | None = None) -> Any:
+    headers = {"Idempotency-Key": key} if key else None
+    return service.call("POST", f"/admin/users/{user}/grants", body, iam=True, headers=headers)
+
+
+def entries(user: str) -> list[tuple[int, int, str]]:
+    records = sorted(LedgerRecord.query(user, consistent_read=True), key=lambda r: int(r.seq))
+    return [(int(r.delta), int(r.balanceAfter), r.reason) for r in records]
+
+
+def test_grant_creates_a_group_with_a_grant_entry(service: Any, ids: Any, events: Any, balanced: Any) -> None:
+    user, group = ids("u"), ids("g")
+    reply = grant(service, user, {"offerGroup": group, "tokens": 25, "reason": "welcome"})
+    assert reply.status == 201
+    assert reply.body == {"userId": user, "offerGroup": group, "balance": 25, "expiresAt": None}
+    assert entries(user) == [(25, 25, "grant")]
+    granted = events.of_type("CreditsGranted")
+    assert len(granted) == 1 and granted[0]["userId"] == user and granted[0]["balance"] == 25
+    balanced(user)
+
+
+def test_grant_with_expiry_sets_it_on_a_new_group(service: Any, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    expiry = iso(10)
+    assert grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": expiry}).body["expiresAt"] == expiry
+
+
+def test_grant_never_shortens_a_group(service: Any, ids: Any, balanced: Any) -> None:
+    user, group = ids("u"), ids("g")
+    later, sooner = iso(30), iso(5)
+    grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": later})
+    assert grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": sooner}).body["expiresAt"] == later
+    even_later = iso(60)
+    reply = grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": even_later})
+    assert reply.body == {"userId": user, "offerGroup": group, "balance": 15, "expiresAt": even_later}
+    balanced(user)
+
+
+def test_grant_without_expiry_keeps_the_groups_expiry(service: Any, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    expiry = iso(30)
+    grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": expiry})
+    assert grant(service, user, {"offerGroup": group, "tokens": 5}).body["expiresAt"] == expiry
+
+
+def test_a_group_that_never_expires_stays_so(service: Any, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    grant(service, user, {"offerGroup": group, "tokens": 5})
+    assert grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": iso(3)}).body["expiresAt"] is None
+
+
+def test_grant_into_an_expired_group_expires_the_remainder_first(service: Any, ids: Any, balanced: Any) -> None:
+    user, group = ids("u"), ids("g")
+    past = datetime.now(UTC) - timedelta(hours=1)
+    before = read_group(user, group)
+    commit(lambda tx: stage_group_change(tx, before, [EntryDraft(8, "purchase", order_id="o1")], past, past))
+    expiry = iso(7)
+    reply = grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": expiry})
+    assert reply.body == {"userId": user, "offerGroup": group, "balance": 5, "expiresAt": expiry}
+    assert entries(user) == [(8, 8, "purchase"), (-8, 0, "expire"), (5, 5, "grant")]
+    balanced(user)
+
+
+def test_a_negative_grant_corrects_but_never_below_zero(service: Any, ids: Any, balanced: Any) -> None:
+    user, group = ids("u"), ids("g")
+    grant(service, user, {"offerGroup": group, "tokens": 10})
+    assert grant(service, user, {"offerGroup": group, "tokens": -4}).body["balance"] == 6
+    refused = grant(service, user, {"offerGroup": group, "tokens": -7})
+    assert refused.status == 402 and refused.body["error"] == "insufficient_credits" and refused.body["balance"] == 6
+    assert grant(service, user, {"offerGroup": group, "tokens": -6}).body["balance"] == 0
+    assert entries(user) == [(10, 10, "grant"), (-4, 6, "grant"), (-6, 0, "grant")]
+    balanced(user)
+
+
+def test_a_negative_grant_cannot_set_an_expiry(service: Any, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    grant(service, user, {"offerGroup": group, "tokens": 10})
+    reply = grant(service, user, {"offerGroup": group, "tokens": -1, "expiresAt": iso(3)})
+    assert reply.status == 422 and reply.body["error"] == "validation_error"
+    assert read_group(user, group).balance == 10
+
+
+def test_a_grant_that_has_already_expired_is_refused(service: Any, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    reply = grant(service, user, {"offerGroup": group, "tokens": 1, "expiresAt": iso(-1)})
+    assert reply.status == 422 and not read_group(user, group).exists
+
+
+BAD_GRANTS: list[tuple[str, Any]] = [
+    ("missing tokens", {"offerGroup": "g"}),
+    ("missing group", {"tokens": 1}),
+    ("zero tokens", {"offerGroup": "g", "tokens": 0}),
+    ("fractional tokens", {"offerGroup": "g", "tokens": 1.5}),
+    ("boolean tokens", {"offerGroup": "g", "tokens": True}),
+    ("string tokens", {"offerGroup": "g", "tokens": "5"}),
+    ("huge tokens", {"offerGroup": "g", "tokens": 10**15 + 1}),
+    ("empty group", {"offerGroup": "", "tokens": 1}),
+    ("naive expiry", {"offerGroup": "g", "tokens": 1, "expiresAt": "2099-01-01T00:00:00"}),
+    ("garbage expiry", {"offerGroup": "g", "tokens": 1, "expiresAt": "soon"}),
+    ("numeric expiry", {"offerGroup": "g", "tokens": 1, "expiresAt": 4102444800}),
+    ("empty reason", {"offerGroup": "g", "tokens": 1, "reason": ""}),
+    ("unknown field", {"offerGroup": "g", "tokens": 1, "note": "x"}),
+    ("array body", [{"offerGroup": "g", "tokens": 1}]),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in BAD_GRANTS], ids=[n for n, _ in BAD_GRANTS])
+def test_bad_grant_is_refused_and_writes_nothing(fresh_service: Any, ids: Any, body: Any) -> None:
+    reply = fresh_service.call("POST", f"/admin/users/{ids('u')}/grants", raw_body=json.dumps(body), iam=True,
+                               headers={"Idempotency-Key": "k"})
+    assert reply.status in (400, 422), reply.body
+    assert reply.body["error"] == "validation_error"
+    assert all(fresh_service.item_count(table) == 0 for table in fresh_service.backend.tables)
+
+
+def test_grant_without_iam_is_forbidden(fresh_service: Any, ids: Any) -> None:
+    reply = fresh_service.call("POST", f"/admin/users/{ids('u')}/grants", {"offerGroup": "g", "tokens": 1},
+                               user="someone")
+    assert reply.status == 403 and reply.body["error"] == "forbidden"
+    assert all(fresh_service.item_count(table) == 0 for table in fresh_service.backend.tables)
+
+
+def test_same_key_replays_the_grant_once(service: Any, ids: Any, events: Any, balanced: Any) -> None:
+    user, group = ids("u"), ids("g")
+    body = {"offerGroup": group, "tokens": 10}
+    first = grant(service, user, body, key="g-1")
+    again = grant(service, user, body, key="g-1")
+    assert first.status == again.status == 201 and again.body == first.body
+    assert read_group(user, group).balance == 10 and len(entries(user)) == 1
+    assert len(events.of_type("CreditsGranted")) == 1
+    reused = grant(service, user, {**body, "tokens": 11}, key="g-1")
+    assert reused.status == 422 and reused.body["error"] == "idempotency_key_reused"
+    balanced(user)
+
+
+def test_grant_keys_do_not_collide_with_consume_keys(service: Any, ids: Any, balanced: Any) -> None:
+    user, group = ids("u"), ids("g")
+    assert grant(service, user, {"offerGroup": group, "tokens": 10}, key="same").status == 201
+    consumed = service.call("POST", f"/users/{user}/consume", {"offerGroup": group, "tokens": 2}, iam=True,
+                            headers={"Idempotency-Key": "same"})
+    assert consumed.status == 200 and consumed.body["balance"] == 8
+    balanced(user)
