@@ -41,8 +41,11 @@ def _env(**extra: str) -> dict[str, str]:
 class DevServer:
     """One `user-credits dev` process; its log goes to a file the test can read."""
 
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, *extra: str, path_without_java: bool = False) -> None:
         self.data_dir = data_dir
+        self.extra = extra
+        # PATH with only this Python's folder: no java, so the dev server must fall back to moto.
+        self.path = str(Path(sys.executable).parent) if path_without_java else os.environ.get("PATH", "")
         self.log_path = log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,9 +57,9 @@ class DevServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "user_credits.local.cli", "dev", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--engine", "dynamodb-local"],
+             "--data-dir", str(self.data_dir), *self.extra],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=_env(LOW_BALANCE_THRESHOLDS='{"ai-tokens": 100}'),
+            env=_env(LOW_BALANCE_THRESHOLDS='{"ai-tokens": 100}', PATH=self.path),
         )
         log.close()
         deadline = time.monotonic() + 60
@@ -89,8 +92,12 @@ class DevServer:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A command against this server's data dir."""
+        return self.cli_plain(*args, "--data-dir", str(self.data_dir))
+
+    def cli_plain(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "user_credits.local.cli", *args, "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "user_credits.local.cli", *args],
             cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60, check=False,
         )
 
@@ -107,20 +114,28 @@ def _built(response: requests.Response, step: str) -> requests.Response:
 
 
 @pytest.fixture
-def dev_dir(tmp_path: Path) -> Path:
-    return tmp_path / "local-data"
-
-
-@pytest.fixture
-def dev_server(dev_dir: Path, tmp_path: Path) -> Iterator[DevServer]:
-    server = DevServer(dev_dir, tmp_path / "dev.log").start()
+def own_server(tmp_path: Path) -> Iterator[DevServer]:
+    """A server of the test's own (the walkthrough stops and restarts it)."""
+    server = DevServer(tmp_path / "local-data", tmp_path / "dev.log").start()
     try:
         yield server
     finally:
         server.stop()
 
 
-def test_walkthrough_runs_over_http_and_a_restart_keeps_the_data(dev_server: DevServer) -> None:
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+    """One server shared by the tests that only send requests (each with its own ids)."""
+    tmp_path = tmp_path_factory.mktemp("dev")
+    server = DevServer(tmp_path / "local-data", tmp_path / "dev.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_walkthrough_runs_over_http_and_a_restart_keeps_the_data(own_server: DevServer) -> None:
+    dev_server = own_server
     user = f"walker-{uuid.uuid4().hex[:8]}"
     base = dev_server.url
 
@@ -191,7 +206,20 @@ def _http(server: DevServer, method: str, path: str, **kwargs: Any) -> tuple[int
     return response.status_code, response.json()
 
 
-def test_bad_requests_get_the_handlers_errors_and_the_server_keeps_serving(dev_server: DevServer) -> None:
+def _direct(service: Any, method: str, path: str, kwargs: dict[str, Any]) -> Any:
+    """The same request straight to the function's handler, as the conftest's outside tests send it."""
+    raw = kwargs.get("data", json.dumps(kwargs["json"]).encode() if "json" in kwargs else None)
+    headers = dict(kwargs.get("headers", {}))
+    if "json" in kwargs:
+        headers["Content-Type"] = "application/json"
+    raw_body = raw.decode() if isinstance(raw, bytes) else raw
+    return service.call(method, path, raw_body=raw_body, headers=headers,
+                        iam=path.startswith(("/admin/", "/users/")))
+
+
+def test_bad_requests_get_the_handlers_errors_and_the_server_keeps_serving(
+    dev_server: DevServer, local_service: Any
+) -> None:
     json_type = {"Content-Type": "application/json"}
     cases = [
         ("malformed JSON", "PUT", "/admin/offers/broken", {"data": b"{not json", "headers": json_type},
@@ -212,6 +240,9 @@ def test_bad_requests_get_the_handlers_errors_and_the_server_keeps_serving(dev_s
         got = _http(dev_server, method, path, **kwargs)
         assert (got[0], got[1]["error"]) == (status, code), name
         assert isinstance(got[1]["message"], str), name
+        if code != "not_found":  # a route no function serves has no handler to compare with
+            direct = _direct(local_service, method, path, kwargs)
+            assert (direct.status, direct.error) == (got[0], got[1]["error"]), f"{name}: HTTP differs from the handler"
     # A body over API Gateway's own 10 MB limit is refused without being read.
     response = requests.put(f"{dev_server.url}/admin/offers/x", data=b"a" * (11 * 1024 * 1024),
                             headers=json_type, timeout=30)

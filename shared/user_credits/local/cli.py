@@ -86,7 +86,7 @@ def prepare(target: Target) -> server.FunctionHost:
     """The functions' environment for `target`, in this process; returns their host."""
     if target.local:
         assert target.endpoint is not None
-        server._local_aws_environment(target.endpoint)
+        server.use_local_aws(target.endpoint)
         server.use_logging_events()
         if target.data_dir is not None:
             os.environ["STRIPE_WEBHOOK_SECRET"] = server.local_webhook_secret(target.data_dir)
@@ -291,6 +291,8 @@ def cmd_payment(args: argparse.Namespace) -> int:
     if state is None or target.data_dir is None or not state.stripe_api_base:
         raise CliError("pay/fail/refund drive the local payment simulator of a running `make dev` "
                        "(with a real sk_test_ key, pay in Stripe's test mode instead)")
+    assert target.endpoint is not None
+    server.use_local_aws(target.endpoint)
     order = find_order(target, args.order_id)
     if not order.get("paymentIntentId"):
         raise CliError(f"order {args.order_id} has no PaymentIntent (status {order.get('status')})")

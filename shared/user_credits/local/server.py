@@ -515,7 +515,7 @@ class DynamoEngine:
         self._stop()
 
 
-def _local_aws_environment(endpoint: str) -> None:
+def use_local_aws(endpoint: str) -> None:
     # Local mode must never reach AWS: dummy credentials, DynamoDB pointed at the local engine.
     os.environ.update({
         "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_SESSION_TOKEN": "local",
@@ -552,7 +552,7 @@ def run_dev(
     http: DevHttpServer | None = None
     scheduler: Scheduler | None = None
     try:
-        _local_aws_environment(dynamo.endpoint)
+        use_local_aws(dynamo.endpoint)
         tables = tpl.create_tables(boto3.client("dynamodb", endpoint_url=dynamo.endpoint), LOCAL_PREFIX)
         stripe = configure_stripe(data_dir)
         overrides = {k: os.environ[k] for k in _overridable(tables) if k in os.environ}

@@ -1,0 +1,134 @@
+"""The operator's `user-credits` commands against a running dev server, and the dev server's fallbacks."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from test_dev_server import DevServer, auth
+
+pytestmark = pytest.mark.ddblocal
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+    """One server for the tests of this module; each test has its own users."""
+    tmp_path = tmp_path_factory.mktemp("cli")
+    server = DevServer(tmp_path / "data", tmp_path / "dev.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _order(server: DevServer, user: str, offer_id: str, quantity: int = 1) -> dict[str, Any]:
+    response = requests.post(f"{server.url}/orders", json={"offerId": offer_id, "quantity": quantity},
+                             headers=auth(user), timeout=30)
+    assert response.status_code == 201, response.text
+    order: dict[str, Any] = response.json()["order"]
+    return order
+
+
+def _status(server: DevServer, user: str, order_id: str) -> str:
+    response = requests.get(f"{server.url}/orders/{order_id}", headers=auth(user), timeout=10)
+    status: str = response.json()["order"]["status"]
+    return status
+
+
+def _ledger(server: DevServer, user: str) -> list[tuple[str, str, int, int]]:
+    items = requests.get(f"{server.url}/users/{user}/ledger", timeout=10).json()["items"]
+    return [(e["offerGroup"], e["reason"], e["delta"], e["balanceAfter"]) for e in items]
+
+
+def test_fail_sends_a_signed_webhook_and_the_order_fails(dev_server: DevServer) -> None:
+    user = f"payer-{uuid.uuid4().hex[:8]}"
+    declined = _order(dev_server, user, "tokens-100")
+
+    failed = dev_server.cli("fail", declined["orderId"])
+
+    assert failed.returncode == 0, failed.stdout + failed.stderr
+    assert _status(dev_server, user, declined["orderId"]) == "failed"
+    assert _ledger(dev_server, user) == []
+
+
+def test_refund_sends_signed_webhooks_that_revoke_tokens_in_proportion(dev_server: DevServer) -> None:
+    user = f"refunded-{uuid.uuid4().hex[:8]}"
+    bought = _order(dev_server, user, "tokens-100", quantity=2)
+    assert dev_server.cli("pay", bought["orderId"]).returncode == 0
+
+    half = dev_server.cli("refund", bought["orderId"], "--amount", "500")
+    assert half.returncode == 0, half.stdout + half.stderr
+    assert _status(dev_server, user, bought["orderId"]) == "partially_refunded"
+    assert _ledger(dev_server, user) == [("ai-tokens", "refund", -100, 100), ("ai-tokens", "purchase", 200, 200)]
+
+    rest = dev_server.cli("refund", bought["orderId"])
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    assert _status(dev_server, user, bought["orderId"]) == "refunded"
+    assert _ledger(dev_server, user)[0] == ("ai-tokens", "refund", -100, 0)
+
+
+def _grant_expiring(server: DevServer, user: str, seconds: float) -> None:
+    expires = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+    response = requests.post(f"{server.url}/admin/users/{user}/grants", timeout=10,
+                             json={"offerGroup": "trial-tokens", "tokens": 30, "expiresAt": expires})
+    assert response.status_code == 201, response.text
+
+
+def test_the_sweep_runs_on_demand(dev_server: DevServer) -> None:
+    user = f"demand-{uuid.uuid4().hex[:8]}"
+    _grant_expiring(dev_server, user, 1)
+    time.sleep(1.2)
+    assert _ledger(dev_server, user)[0][1] == "grant"  # the template's schedule (5 minutes) has not run yet
+
+    swept = dev_server.cli("sweep")
+
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert _ledger(dev_server, user)[0] == ("trial-tokens", "expire", -30, 0)
+
+
+def test_the_dev_server_runs_the_sweep_on_its_schedule(tmp_path: Path) -> None:
+    # Every second instead of the template's rate, so the schedule is seen within the test.
+    # moto starts faster than a JVM; the sweep is the same code on either engine.
+    server = DevServer(tmp_path / "data", tmp_path / "dev.log", "--sweep-every", "1", "--engine", "moto").start()
+    try:
+        user = f"sched-{uuid.uuid4().hex[:8]}"
+        _grant_expiring(server, user, 1)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _ledger(server, user)[0][1] != "expire":
+            time.sleep(0.25)
+        assert _ledger(server, user)[0] == ("trial-tokens", "expire", -30, 0)
+    finally:
+        server.stop()
+
+
+def test_cli_commands_need_a_running_dev_server_or_named_tables(tmp_path: Path) -> None:
+    idle = DevServer(tmp_path / "nothing-running", tmp_path / "unused.log")
+    result = idle.cli("credits", "someone")
+    assert result.returncode == 2
+    assert "make dev" in result.stderr and "--stack" in result.stderr
+
+
+def test_token_prints_a_jwt_whose_sub_is_the_user(tmp_path: Path) -> None:
+    import base64
+
+    result = DevServer(tmp_path, tmp_path / "unused.log").cli_plain("token", "alice@example")
+    _header, payload, signature = result.stdout.strip().split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["sub"] == "alice@example" and signature == ""
+
+
+def test_without_java_the_dev_server_runs_on_moto(tmp_path: Path) -> None:
+    server = DevServer(tmp_path / "data", tmp_path / "dev.log", path_without_java=True).start()
+    try:
+        offers = requests.get(f"{server.url}/offers", headers=auth("no-java"), timeout=10)
+        assert offers.status_code == 200 and offers.json()["offers"]
+        assert "moto" in server.log()
+    finally:
+        server.stop()
