@@ -180,3 +180,25 @@ def test_an_order_keeps_what_was_bought_when_the_catalog_changes(shop: Shop, ids
                       {"offerGroup": group, "tokens": 5, "cycle": "monthly", "prices": {"usd": 1000}}, iam=True)
     assert shop.pay(order).status == 200
     assert shop.group(user, group).balance == 100
+
+
+def test_only_the_order_and_webhook_functions_import_stripe() -> None:
+    """Cold-start budget: `stripe` is a large import, so no other function may pull it in."""
+    import subprocess
+    import sys
+
+    from user_credits.local import template as tpl
+
+    for spec in tpl.functions({}):
+        code = (
+            "import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('app', {str(spec.code_uri / 'app.py')!r})\n"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "print('stripe' in sys.modules)\n"
+        )
+        if not (spec.code_uri / "app.py").exists():
+            continue
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "PYTHONPATH": str(tpl.REPO_ROOT / "shared")})
+        imports_stripe = out.stdout.strip() == "True"
+        assert imports_stripe == (spec.logical_id in ("CreateOrderFunction", "StripeWebhookFunction")), spec.logical_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -266,3 +267,46 @@ def test_a_refund_of_an_unpaid_order_changes_nothing(shop: Shop, ids: Any) -> No
     order = shop.placed(user, offer_id)
     assert shop.refund(order, 1000, with_metadata=True).status == 200
     assert shop.status(user, order["orderId"]) == "pending" and shop.ledger(user) == []
+
+
+def test_a_base64_encoded_body_is_verified_on_its_decoded_bytes(shop: Shop, ids: Any) -> None:
+    offer_id, group = shop.offer()
+    user = ids("u")
+    order = shop.placed(user, offer_id)
+    payload, header = signed_delivery(payment_intent_event(shop.intent(order)), "whsec_local_fake_secret")
+    reply = shop.service.call("POST", "/webhooks/stripe", raw_body=payload,
+                              headers={"Stripe-Signature": header})
+    assert reply.status == 200 and shop.group(user, group).balance == 100
+
+
+def test_stripe_keys_come_from_secrets_manager_once_per_cold_start(
+    shop: Shop, ids: Any, moto_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+    from aws_lambda_powertools.utilities import parameters
+
+    from user_credits.payments import secrets
+
+    name = ids("stripe-secret")
+    client = boto3.client("secretsmanager", endpoint_url=moto_backend.endpoint)
+    client.create_secret(Name=name, SecretString=json.dumps(
+        {"apiKey": "sk_test_local_fake", "webhookSecret": "whsec_from_secrets_manager"}))
+    monkeypatch.delenv("STRIPE_API_KEY")
+    monkeypatch.delenv("STRIPE_WEBHOOK_SECRET")
+    monkeypatch.setenv("STRIPE_SECRET_NAME", name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", moto_backend.endpoint)
+    parameters.clear_caches()
+    monkeypatch.setattr(parameters.base, "DEFAULT_PROVIDERS", {})
+    secrets.forget_cached_secret()
+
+    offer_id, group = shop.offer()
+    user = ids("u")
+    order = shop.placed(user, offer_id)
+    # Gone from Secrets Manager: a warm function keeps what its cold start read.
+    client.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+    parameters.clear_caches()
+    event = payment_intent_event(shop.intent(order))
+    assert shop.deliver(event, secret="whsec_local_fake_secret").status == 400
+    assert shop.deliver(event, secret="whsec_from_secrets_manager").status == 200
+    assert shop.group(user, group).balance == 100
+    secrets.forget_cached_secret()
