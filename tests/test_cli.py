@@ -132,3 +132,57 @@ def test_without_java_the_dev_server_runs_on_moto(tmp_path: Path) -> None:
         assert "moto" in server.log()
     finally:
         server.stop()
+
+
+def test_against_a_stack_the_cli_finds_the_tables_in_its_outputs(tmp_path: Path) -> None:
+    """`--stack NAME`, with moto standing in for CloudFormation and DynamoDB (no network)."""
+    import os
+    import subprocess
+    import sys
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from user_credits.local import template as tpl
+    from user_credits.local.dynamodb_local import free_port
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        tables = tpl.resources("AWS::DynamoDB::Table")
+        stack_template = {
+            "Resources": {
+                **{name: {"Type": r["Type"], "Properties": r["Properties"]} for name, r in tables.items()},
+                "EventBus": {"Type": "AWS::Events::EventBus", "Properties": {"Name": "stack-test-events"}},
+            },
+            "Outputs": {
+                **{f"{name}Name": {"Value": {"Ref": name}} for name in tables},
+                "EventBusName": {"Value": {"Ref": "EventBus"}},
+            },
+        }
+        cfn = boto3.client("cloudformation", endpoint_url=endpoint, region_name="us-east-1")
+        cfn.create_stack(StackName="credits-test", TemplateBody=json.dumps(stack_template))
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_TABLE") and k != "AWS_ENDPOINT_URL_DYNAMODB"}
+        env["AWS_ENDPOINT_URL"] = endpoint
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "user_credits.local.cli", *args, "--stack", "credits-test",
+                 "--region", "us-east-1", "--data-dir", str(tmp_path)],
+                env=env, capture_output=True, text=True, timeout=60, check=False,
+            )
+
+        granted = cli("grant", "stack-user", "ai-tokens", "5", "--reason", "welcome")
+        shown = cli("credits", "stack-user")
+        checked = cli("check")
+
+        assert granted.returncode == 0, granted.stdout + granted.stderr
+        assert json.loads(shown.stdout)["groups"] == [{"offerGroup": "ai-tokens", "balance": 5, "expiresAt": None}]
+        assert checked.returncode == 0 and json.loads(checked.stdout)["ok"] is True, checked.stdout + checked.stderr
+        dynamodb = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1")
+        names = set(dynamodb.list_tables()["TableNames"])
+        assert not any(name.startswith("local-") for name in names)
+    finally:
+        moto.stop()
