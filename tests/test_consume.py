@@ -345,12 +345,30 @@ def test_a_keyed_entry_whose_flush_failed_still_replays(
 def test_flush_outbox_writes_pending_entries(service: Any, ids: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     user, group = ids("u"), ids("g")
     grant(service, user, group, 10)
-    real_flush = consumption_store.flush_entries
+    # As if each of the three consumes died right after its decision.
     monkeypatch.setattr(consumption_store, "_flush_quietly", lambda user_id, item: None)
     for _ in range(3):
         consume(service, user, group, 1)
     assert len(consumption_store.pending_entries(user, group)) == 3
-    monkeypatch.setattr(consumption_store, "flush_entries", real_flush)
     assert consumption_store.flush_outbox(user, group) == 3
     assert consumption_store.flush_outbox(user, group) == 0
     assert [int(r.balanceAfter) for r in ledger(user)] == [10, 9, 8, 7]
+
+
+def test_a_long_outbox_backlog_is_flushed_in_batches(
+    service: Any, ids: Any, monkeypatch: pytest.MonkeyPatch, balanced: Any
+) -> None:
+    user, group = ids("u"), ids("g")
+    grant(service, user, group, 100)
+    backlog = consumption_store.MAX_FLUSH_ENTRIES + 5
+    real_flush = consumption_store._flush_quietly
+    monkeypatch.setattr(consumption_store, "_flush_quietly", lambda user_id, item: None)
+    for number in range(backlog):
+        assert consume(service, user, group, 1, key=f"k-{number}").status == 200
+    monkeypatch.setattr(consumption_store, "_flush_quietly", real_flush)
+    assert len(consumption_store.pending_entries(user, group)) == backlog
+    assert consumption_store.flush_outbox(user, group) == backlog
+    assert len(ledger(user)) == backlog + 1
+    # Every keyed entry's record was completed by the flush: each key replays its own answer.
+    assert consume(service, user, group, 1, key="k-0").body["balance"] == 99
+    balanced(user)

@@ -48,8 +48,9 @@ T = TypeVar("T")
 
 META, AFTER, SEQ, EXPIRY = "obm_", "oba_", "obs_", "obx_"
 OUTBOX_PREFIXES: Final = (META, AFTER, SEQ, EXPIRY)
-# A transaction holds at most 100 items: 2 per keyed entry + the balance update, with room to spare.
-MAX_FLUSH_ENTRIES: Final = 40
+# Per flush transaction: 2 items per keyed entry + the balance update (<= 41 of the 100 allowed), and
+# 80 REMOVE paths, which moto's recursive expression parser still handles. Backlogs go in batches.
+MAX_FLUSH_ENTRIES: Final = 20
 CONSUME_ROUTE: Final = "consume"
 
 _RETRYABLE_CODES: Final = {
