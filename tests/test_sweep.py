@@ -1,0 +1,416 @@
+"""SPEC 2.6, the expiry sweep, on moto and on DynamoDB Local, with time travel.
+
+Each test gets tables of its own: the sweep's stored position and the expiry index are table-wide, and
+counting items read needs an index that holds only what the test put there.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pynamodb.connection.base as pynamodb_base
+import pytest
+import time_machine
+from botocore.session import Session
+from conftest import Backend, EventRecorder, Service
+
+from user_credits.domain.clock import to_iso
+from user_credits.domain.ledger import LedgerEntry
+from user_credits.local import template as tpl
+from user_credits.local.lambda_events import LambdaContext, scheduled_event
+from user_credits.logic import expiry as expiry_logic
+from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
+from user_credits.store.expiry import SweepProgressRecord
+from user_credits.store.ledger import expiry_bucket, ledger_record
+from user_credits.store.models import (
+    AccountItem,
+    BalanceRecord,
+    LedgerRecord,
+    OfferRecord,
+    OrderRecord,
+    group_sk,
+)
+from user_credits.store.transactions import commit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T0 = datetime(2031, 3, 10, 12, 0, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def sweep_service(backend: Backend, monkeypatch: pytest.MonkeyPatch, events: EventRecorder) -> Iterator[Service]:
+    """The service on fresh tables of its own (same engine as `backend`)."""
+    client = backend.client()
+    tables = tpl.create_tables(client, f"sweep-{uuid.uuid4().hex[:8]}")
+    service = Service(Backend(backend.name, backend.endpoint, tables), monkeypatch, events)
+    yield service
+    for name in tables.values():
+        client.delete_table(TableName=name)
+
+
+@dataclass
+class ReadMeter:
+    """Counts the DynamoDB items read, from botocore's `after-call` event on every client pynamodb makes.
+
+    Query/Scan count what DynamoDB examined (`ScannedCount`, which a filter would not reduce); a GetItem
+    counts 1 even when the item is missing, since it is charged all the same.
+    """
+
+    items: int = 0
+    by_operation: Counter[str] = field(default_factory=Counter)
+    requests: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def after_call(self, parsed: dict[str, Any], model: Any, **_: Any) -> None:
+        with self.lock:
+            self._add(model.name, parsed)
+
+    def _add(self, operation: str, parsed: dict[str, Any]) -> None:
+        self.requests[operation] += 1
+        if operation in ("Query", "Scan"):
+            read = int(parsed.get("ScannedCount", parsed.get("Count", len(parsed.get("Items", [])))))
+        elif operation == "GetItem":
+            read = 1
+        elif operation == "BatchGetItem":
+            read = sum(len(items) for items in parsed.get("Responses", {}).values())
+        elif operation == "TransactGetItems":
+            read = len(parsed.get("Responses", []))
+        else:
+            return
+        self.items += read
+        self.by_operation[operation] += read
+
+    def reset(self) -> None:
+        self.items = 0
+        self.by_operation.clear()
+        self.requests.clear()
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> ReadMeter:
+    meter = ReadMeter()
+    make_session = pynamodb_base.get_session
+
+    def metered_session() -> Session:
+        session = make_session()
+        session.register("after-call.dynamodb", meter.after_call)
+        return session
+
+    # pynamodb makes one botocore session per Connection (and thread); drop the cached ones.
+    monkeypatch.setattr(pynamodb_base, "get_session", metered_session)
+    for model in (OfferRecord, AccountItem, BalanceRecord, OrderRecord, LedgerRecord, SweepProgressRecord):
+        monkeypatch.setattr(model, "_connection", None)
+    return meter
+
+
+class RunsOutAfter(LambdaContext):
+    """A Lambda context whose time runs out once `groups` groups have been expired: a time limit that
+    hits at a chosen point of the sweep, whatever the speed of the machine."""
+
+    def __init__(self, events: EventRecorder, groups: int) -> None:
+        super().__init__(function_name="ExpirySweepFunction", budget_ms=300_000)
+        self.events = events
+        self.groups = groups
+
+    def get_remaining_time_in_millis(self) -> int:
+        done = len(self.events.of_type("CreditsExpired"))
+        return 300_000 if done < self.groups else 100
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def ledger_entry(user: str, group: str, delta: int, at: datetime, seq: int = 1) -> LedgerEntry:
+    return LedgerEntry(user_id=user, offer_group=group, delta=delta, balance_after=delta, reason="grant",
+                       at=at, seq=seq)
+
+
+def seed_in_bulk(rows: list[tuple[str, str, int, datetime]], at: datetime) -> None:
+    """(user, group, balance, expiresAt) balances with their one ledger entry, written by BatchWriteItem
+    in the shape `stage_group_change` gives them (the first test checks both side by side)."""
+    with BalanceRecord.batch_write() as batch:
+        for user, group, balance, expires_at in rows:
+            batch.save(BalanceRecord(
+                user, group_sk(group), offerGroup=group, balance=balance, expiresAt=expires_at, seq=1,
+                updatedAt=at, expiryBucket=expiry_bucket(expires_at),
+                expirySort=f"{to_iso(expires_at)}#{user}#{group}",
+            ))
+    with LedgerRecord.batch_write() as batch:
+        for user, group, balance, _ in rows:
+            batch.save(ledger_record(ledger_entry(user, group, balance, at)))
+
+
+def give(user: str, group: str, tokens: int, expires_at: datetime | None, at: datetime) -> GroupState:
+    """A purchase-like change through the one primitive: tokens in, expiresAt set."""
+    state = read_group(user, group)
+    after, _ = stage_group_change_committed(state, [EntryDraft(tokens, "grant")], expires_at, at)
+    return after
+
+
+def stage_group_change_committed(
+    state: GroupState, drafts: list[EntryDraft], expires_at: datetime | None, at: datetime,
+) -> tuple[GroupState, list[LedgerEntry]]:
+    result: list[tuple[GroupState, list[LedgerEntry]]] = []
+    commit(lambda tx: result.append(stage_group_change(tx, state, drafts, expires_at, at)))
+    return result[-1]
+
+
+def ledger_of(user: str) -> list[LedgerRecord]:
+    return sorted(LedgerRecord.query(user, consistent_read=True), key=lambda r: (r.offerGroup, int(r.seq)))
+
+
+def assert_balances_match_ledger(pairs: list[tuple[str, str]]) -> None:
+    """SPEC 1: for every (user, group), balance == sum of its ledger deltas."""
+    for user in {u for u, _ in pairs}:
+        sums: dict[str, int] = defaultdict(int)
+        for record in ledger_of(user):
+            sums[record.offerGroup] += int(record.delta)
+        for u, group in pairs:
+            if u == user:
+                assert read_group(user, group).balance == sums[group], (user, group)
+
+
+def expire_entries(user: str, group: str) -> list[LedgerRecord]:
+    return [r for r in ledger_of(user) if r.offerGroup == group and r.reason == "expire"]
+
+
+def sweep(service: Service, **kwargs: Any) -> dict[str, Any]:
+    result: dict[str, Any] = service.invoke_schedule("ExpirySweepFunction", **kwargs)
+    return result
+
+
+def sweep_handler(service: Service) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    spec = next(s for s in service.specs if s.logical_id == "ExpirySweepFunction")
+    handler: Callable[[dict[str, Any], Any], dict[str, Any]] = tpl.load_handler(spec)
+    return handler
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_sweep_reads_grow_with_due_groups_not_with_users(sweep_service: Service, reads: ReadMeter, ids: Any) -> None:
+    group = ids("g")
+    far, due = [ids("far") for _ in range(400)], [ids("due") for _ in range(10)]
+    with time_machine.travel(T0, tick=True):
+        seed_in_bulk([(user, group, 50, T0 + timedelta(days=200)) for user in far], T0 - DAY)
+        seed_in_bulk([(user, group, 30, T0 + timedelta(hours=1)) for user in due[1:]], T0 - DAY)
+        give(due[0], group, 30, T0 + timedelta(hours=1), T0 - DAY)
+        # Seeded items carry the index keys the store writes; the far-off ones are in their own day.
+        written, seeded = (BalanceRecord.get(u, group_sk(group)) for u in due[:2])
+        assert (written.expiryBucket, written.expirySort.split("#")[0]) == (
+            seeded.expiryBucket, seeded.expirySort.split("#")[0])
+        assert sum(1 for _ in BalanceRecord.byExpiry.query(expiry_bucket(T0 + timedelta(days=200)))) == 400
+
+    with time_machine.travel(T0 + timedelta(hours=2), tick=True):
+        reads.reset()
+        summary = sweep(sweep_service)
+        items_read = reads.items
+
+    assert summary["expired"] == 10 and summary["failures"] == [] and summary["complete"]
+    # Per due group: its index entry and the consistent re-read before the write; plus the position item.
+    assert items_read <= 3 * len(due) + 5, (reads.by_operation, reads.requests)
+    print(f"\nitems read: {items_read} ({dict(reads.by_operation)}), requests: {dict(reads.requests)}")
+    assert sorted(e["userId"] for e in sweep_service.events.of_type("CreditsExpired")) == sorted(due)
+    for user in due:
+        assert read_group(user, group).balance == 0
+        assert [int(e.delta) for e in expire_entries(user, group)] == [-30]
+    assert all(read_group(user, group).balance == 50 for user in far[:20])
+    assert_balances_match_ledger([(u, group) for u in due + far[:20]])
+
+
+def test_an_expired_group_keeps_its_expiry_and_a_second_sweep_changes_nothing(
+    sweep_service: Service, reads: ReadMeter, ids: Any,
+) -> None:
+    user, group = ids("u"), ids("g")
+    expires_at = T0 + timedelta(hours=1)
+    with time_machine.travel(T0, tick=True):
+        give(user, group, 40, expires_at, T0)
+    with time_machine.travel(T0 + timedelta(hours=3), tick=True):
+        assert sweep(sweep_service)["expired"] == 1
+        after_first = read_group(user, group)
+        reads.reset()
+        second = sweep(sweep_service)
+        second_reads = reads.items
+    with time_machine.travel(T0 + timedelta(days=2), tick=True):
+        third = sweep(sweep_service)
+    assert (second["expired"], third["expired"]) == (0, 0)
+    # The position moved past the expired entry: later runs do not read it again.
+    assert second_reads <= 1, reads.by_operation
+    assert (after_first.balance, after_first.expires_at) == (0, expires_at)
+    assert read_group(user, group) == after_first
+    assert len(expire_entries(user, group)) == 1
+    detail = sweep_service.events.of_type("CreditsExpired")
+    assert detail == [{"userId": user, "offerGroup": group, "balance": 0, "expiresAt": to_iso(expires_at),
+                       "expiredTokens": 40}]
+    assert_balances_match_ledger([(user, group)])
+
+
+def test_a_purchase_that_extends_the_group_while_the_sweep_runs_wins(
+    sweep_service: Service, monkeypatch: pytest.MonkeyPatch, ids: Any,
+) -> None:
+    raced, other, group = ids("raced"), ids("other"), ids("g")
+    old_expiry, new_expiry = T0 + timedelta(hours=1), T0 + timedelta(days=30)
+    with time_machine.travel(T0, tick=True):
+        give(raced, group, 25, old_expiry, T0)
+        give(other, group, 5, old_expiry, T0)
+
+    real_read = expiry_logic.read_group
+    extended: list[GroupState] = []
+
+    def read_then_purchase(user: str, offer_group: str) -> GroupState:
+        # The sweep found the group due and read it; a purchase commits before the sweep's write.
+        state = real_read(user, offer_group)
+        if user == raced and not extended:
+            after, _ = stage_group_change_committed(
+                state, [EntryDraft(10, "purchase", order_id="o-1")], new_expiry, T0 + timedelta(hours=2))
+            extended.append(after)
+        return state
+
+    monkeypatch.setattr(expiry_logic, "read_group", read_then_purchase)
+    with time_machine.travel(T0 + timedelta(hours=2), tick=True):
+        summary = sweep(sweep_service)
+
+    assert extended and summary["expired"] == 1 and summary["failures"] == []
+    now = read_group(raced, group)
+    assert (now.balance, now.expires_at) == (35, new_expiry)
+    assert expire_entries(raced, group) == []
+    assert [e["userId"] for e in sweep_service.events.of_type("CreditsExpired")] == [other]
+    assert_balances_match_ledger([(raced, group), (other, group)])
+
+
+def test_overdraft_debt_and_empty_groups_are_left_as_they_are_at_expiry(sweep_service: Service, ids: Any) -> None:
+    debtor, empty, group = ids("debtor"), ids("empty"), ids("g")
+    with time_machine.travel(T0, tick=True):
+        give(debtor, group, -7, T0 + timedelta(hours=1), T0)
+        give(empty, group, 0, T0 + timedelta(hours=1), T0)
+    with time_machine.travel(T0 + timedelta(hours=2), tick=True):
+        summary = sweep(sweep_service)
+    assert summary["expired"] == 0
+    assert read_group(debtor, group).balance == -7 and read_group(empty, group).balance == 0
+    assert expire_entries(debtor, group) == [] and sweep_service.events.of_type("CreditsExpired") == []
+    assert_balances_match_ledger([(debtor, group), (empty, group)])
+
+
+def test_expiring_soon_is_sent_once_per_user_group_and_expiry_and_again_for_a_new_expiry(
+    sweep_service: Service, ids: Any,
+) -> None:
+    user, empty, later, group = ids("u"), ids("empty"), ids("later"), ids("g")
+    first_expiry = T0 + timedelta(days=2)  # inside the 3-day window
+    with time_machine.travel(T0, tick=True):
+        give(user, group, 12, first_expiry, T0)
+        give(empty, group, 0, first_expiry, T0)
+        give(later, group, 12, T0 + timedelta(days=5), T0)
+        assert sweep(sweep_service)["warned"] == 1
+        assert sweep(sweep_service)["warned"] == 0
+    with time_machine.travel(T0 + timedelta(hours=6), tick=True):
+        assert sweep(sweep_service)["warned"] == 0
+        # A purchase moves the expiry to another instant, still inside the window: a new warning is due.
+        second_expiry = T0 + timedelta(days=2, hours=12)
+        state = read_group(user, group)
+        stage_group_change_committed(state, [EntryDraft(3, "purchase", order_id="o-2")], second_expiry, T0)
+        assert sweep(sweep_service)["warned"] == 1
+        assert sweep(sweep_service)["warned"] == 0
+    with time_machine.travel(T0 + timedelta(days=2, hours=1), tick=True):
+        # `later` has entered the window now; `user` was already warned for its expiry.
+        assert sweep(sweep_service)["warned"] == 1
+
+    soon = sweep_service.events.of_type("CreditsExpiringSoon")
+    assert [(e["userId"], e["expiresAt"], e["balance"]) for e in soon] == [
+        (user, to_iso(first_expiry), 12), (user, to_iso(second_expiry), 15),
+        (later, to_iso(T0 + timedelta(days=5)), 12),
+    ]
+    assert all(e["offerGroup"] == group for e in soon)
+    assert sweep_service.events.of_type("CreditsExpired") == []
+    assert_balances_match_ledger([(user, group), (empty, group), (later, group)])
+
+
+def test_a_time_limit_mid_sweep_leaves_the_rest_to_the_next_run_exactly_once(
+    sweep_service: Service, ids: Any,
+) -> None:
+    group = ids("g")
+    users = [ids("due") for _ in range(10)]
+    with time_machine.travel(T0, tick=True):
+        seed_in_bulk([(user, group, 10 + n, T0 + timedelta(minutes=10 + n)) for n, user in enumerate(users)], T0)
+    handler = sweep_handler(sweep_service)
+    with time_machine.travel(T0 + timedelta(hours=1), tick=True):
+        # Time runs out after 4 groups: the run stops cleanly and stores where it stopped.
+        first = handler(scheduled_event(), RunsOutAfter(sweep_service.events, groups=4))
+        assert (first["expired"], first["complete"]) == (4, False)
+    with time_machine.travel(T0 + timedelta(hours=1, minutes=5), tick=True):
+        second = sweep(sweep_service)
+        third = sweep(sweep_service)
+    assert (second["expired"], second["complete"]) == (6, True)
+    assert third["expired"] == 0
+    expired = [e["userId"] for e in sweep_service.events.of_type("CreditsExpired")]
+    assert sorted(expired) == sorted(users) and len(expired) == 10
+    for user in users:
+        assert len(expire_entries(user, group)) == 1 and read_group(user, group).balance == 0
+    assert_balances_match_ledger([(u, group) for u in users])
+
+
+def test_a_budget_below_the_safety_margin_does_nothing_and_the_next_run_does_it(
+    sweep_service: Service, ids: Any,
+) -> None:
+    user, group = ids("u"), ids("g")
+    with time_machine.travel(T0, tick=True):
+        give(user, group, 9, T0 + timedelta(minutes=1), T0)
+    with time_machine.travel(T0 + timedelta(hours=1), tick=True):
+        starved = sweep(sweep_service, budget_ms=expiry_logic.MIN_SAFETY_MS - 1)
+        full = sweep(sweep_service)
+    assert (starved["expired"], starved["complete"]) == (0, False)
+    assert (full["expired"], full["complete"]) == (1, True)
+    assert_balances_match_ledger([(user, group)])
+
+
+def test_one_failing_group_never_stops_the_others_and_is_retried_next_run(
+    sweep_service: Service, monkeypatch: pytest.MonkeyPatch, ids: Any,
+) -> None:
+    group = ids("g")
+    users = [ids("due") for _ in range(5)]
+    broken = users[1]
+    with time_machine.travel(T0, tick=True):
+        seed_in_bulk([(user, group, 20, T0 + timedelta(minutes=n)) for n, user in enumerate(users)], T0)
+    real_read = expiry_logic.read_group
+    counted: list[str] = []
+    real_count = expiry_logic.count
+
+    def failing_read(user: str, offer_group: str) -> GroupState:
+        if user == broken:
+            raise RuntimeError("simulated outage for one user")
+        return real_read(user, offer_group)
+
+    def spy_count(name: str, value: int = 1) -> None:
+        counted.append(name)
+        real_count(name, value)
+
+    monkeypatch.setattr(expiry_logic, "read_group", failing_read)
+    monkeypatch.setattr(expiry_logic, "count", spy_count)
+    with time_machine.travel(T0 + timedelta(hours=1), tick=True):
+        first = sweep(sweep_service)
+    assert first["expired"] == 4 and counted.count("SweepFailures") == 1
+    assert [(f["userId"], f["offerGroup"], f["stage"]) for f in first["failures"]] == [(broken, group, "expire")]
+    assert read_group(broken, group).balance == 20
+
+    monkeypatch.setattr(expiry_logic, "read_group", real_read)
+    with time_machine.travel(T0 + timedelta(hours=2), tick=True):
+        second = sweep(sweep_service)
+    assert (second["expired"], second["failures"]) == (1, [])
+    assert sorted(e["userId"] for e in sweep_service.events.of_type("CreditsExpired")) == sorted(users)
+    assert_balances_match_ledger([(u, group) for u in users])
+
+
+def test_the_sample_event_runs_the_handler(sweep_service: Service) -> None:
+    event = json.loads((REPO_ROOT / "events" / "expiry_sweep.json").read_text())
+    summary = sweep_handler(sweep_service)(event, LambdaContext(function_name="ExpirySweepFunction", budget_ms=15_000))
+    assert summary == {"expired": 0, "warned": 0, "examined": 0, "complete": True, "failures": []}
