@@ -202,3 +202,15 @@ def test_only_the_order_and_webhook_functions_import_stripe() -> None:
                              env={**__import__("os").environ, "PYTHONPATH": str(tpl.REPO_ROOT / "shared")})
         imports_stripe = out.stdout.strip() == "True"
         assert imports_stripe == (spec.logical_id in ("CreateOrderFunction", "StripeWebhookFunction")), spec.logical_id
+
+
+def test_a_retry_after_a_lost_write_with_another_body_is_refused(shop: Shop, ids: Any) -> None:
+    """Stripe remembers the derived order id as its idempotency key even when we lost our record."""
+    offer_id, _ = shop.offer(quantityLimit=5)
+    user, key = ids("u"), ids("key")
+    first = shop.order(user, offer_id, key=key)
+    shop.order_record(user, first.body["order"]["orderId"]).delete()
+    for record in IdempotencyRecord.scan(IdempotencyRecord.key.contains(key)):
+        record.delete()
+    retry = shop.order(user, offer_id, key=key, quantity=2)
+    assert retry.status == 422 and retry.error == "idempotency_key_reused"

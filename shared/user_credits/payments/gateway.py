@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import stripe
 
 from user_credits.config import load_settings
-from user_credits.errors import PaymentProviderError
+from user_credits.errors import IdempotencyKeyReused, PaymentProviderError
 from user_credits.payments.secrets import api_key
 
 # Safe to retry: every create carries an idempotency key, so Stripe replays instead of charging twice.
@@ -51,6 +51,10 @@ def create_payment_intent(*, order_id: str, user_id: str, amount: int, currency:
             },
             options={"idempotency_key": order_id},
         )
+    except stripe.IdempotencyError as exc:
+        # The order id is derived from (user, Idempotency-Key): Stripe saw this key with another body
+        # after a first attempt died before storing its answer.
+        raise IdempotencyKeyReused("this Idempotency-Key was used with a different request body") from exc
     except stripe.StripeError as exc:
         raise PaymentProviderError(f"Stripe refused or failed the payment: {exc.user_message or exc}") from exc
     if not intent.client_secret:
