@@ -240,3 +240,66 @@ def balanced() -> Any:
             assert report.ok, report.mismatches
 
     return check
+
+
+class SimulatedCrash(Exception):
+    """The Lambda runtime killed the function here."""
+
+
+@dataclass
+class CrashPlan:
+    """Kills the function at the Nth DynamoDB call: `before` it is sent, or `after` DynamoDB applied it."""
+
+    phase: str = "after"
+    at_call: int | None = None
+    calls: int = 0
+    fired: bool = False
+    error: type[Exception] = SimulatedCrash
+
+    def hook(self, event_name: str, **_: Any) -> None:
+        if not event_name.startswith(f"{self.phase}-call."):
+            return
+        self.calls += 1
+        if self.calls == self.at_call:
+            self.fired = True
+            raise SimulatedCrash(f"{event_name} (call {self.calls})")
+
+    def arm(self, phase: str, at_call: int) -> None:
+        self.phase, self.at_call, self.calls, self.fired = phase, at_call, 0, False
+
+    def count_calls(self) -> None:
+        self.arm("after", 10**9)
+
+    def disarm(self) -> None:
+        self.at_call = None
+
+    def expect_crash(self, call: Any) -> None:
+        """Run `call`; it must die at the planned call (the resolver may turn the crash into a 500)."""
+        try:
+            reply = call()
+        except SimulatedCrash:
+            return
+        assert self.fired, f"no crash happened: {reply}"
+        assert reply.status == 500, reply
+
+
+@pytest.fixture
+def crash(local_service: Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[CrashPlan]:
+    """Fault injection from a botocore event hook on every DynamoDB client pynamodb builds (DynamoDB Local)."""
+    import botocore.session
+
+    plan = CrashPlan()
+    original = botocore.session.Session.create_client
+
+    def create_client(self: Any, service_name: str, *args: Any, **kwargs: Any) -> Any:
+        client = original(self, service_name, *args, **kwargs)
+        if service_name == "dynamodb":
+            client.meta.events.register("before-call.dynamodb", plan.hook)
+            client.meta.events.register("after-call.dynamodb", plan.hook)
+        return client
+
+    monkeypatch.setattr(botocore.session.Session, "create_client", create_client)
+    # Cached connections hold clients built before the hook: start from fresh ones.
+    local_service.rebind()
+    yield plan
+    plan.disarm()

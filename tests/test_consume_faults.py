@@ -1,18 +1,16 @@
 """SPEC 2.8 when the function dies: between any two DynamoDB calls of a consume, a retry with the same
 Idempotency-Key replays instead of debiting twice, and the ledger still matches the balance.
 
-The crash is raised from a botocore event hook on the clients pynamodb builds: `before-call` (the call
-never reached DynamoDB) or `after-call` (DynamoDB applied it, the function never saw the answer).
+The crash (conftest `crash`) is raised from a botocore event hook on the clients pynamodb builds:
+`before-call` (the call never reached DynamoDB) or `after-call` (DynamoDB applied it, the function never
+saw the answer).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import botocore.session
 import pytest
 
 from user_credits.store import consumption as consumption_store
@@ -28,51 +26,6 @@ UNKEYED_CALLS = 2
 RECOVERY_CALLS = 6
 
 
-class SimulatedCrash(Exception):
-    """The Lambda runtime killed the function here."""
-
-
-@dataclass
-class CrashPlan:
-    phase: str = "after"
-    at_call: int | None = None
-    calls: int = 0
-    fired: bool = False
-
-    def hook(self, event_name: str, **_: Any) -> None:
-        if not event_name.startswith(f"{self.phase}-call."):
-            return
-        self.calls += 1
-        if self.calls == self.at_call:
-            self.fired = True
-            raise SimulatedCrash(f"{event_name} (call {self.calls})")
-
-    def arm(self, phase: str, at_call: int) -> None:
-        self.phase, self.at_call, self.calls, self.fired = phase, at_call, 0, False
-
-    def disarm(self) -> None:
-        self.at_call = None
-
-
-@pytest.fixture
-def crash(local_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[CrashPlan]:
-    plan = CrashPlan()
-    original = botocore.session.Session.create_client
-
-    def create_client(self: Any, service_name: str, *args: Any, **kwargs: Any) -> Any:
-        client = original(self, service_name, *args, **kwargs)
-        if service_name == "dynamodb":
-            client.meta.events.register("before-call.dynamodb", plan.hook)
-            client.meta.events.register("after-call.dynamodb", plan.hook)
-        return client
-
-    monkeypatch.setattr(botocore.session.Session, "create_client", create_client)
-    # Cached connections hold clients built before the hook: start from fresh ones.
-    local_service.rebind()
-    yield plan
-    plan.disarm()
-
-
 def grant(service: Any, user: str, group: str, tokens: int) -> None:
     reply = service.call("POST", f"/admin/users/{user}/grants", {"offerGroup": group, "tokens": tokens}, iam=True)
     assert reply.status == 201, reply.body
@@ -84,35 +37,25 @@ def consume(service: Any, user: str, group: str, key: str | None) -> Any:
                         headers=headers)
 
 
-def crashing(plan: CrashPlan, call: Callable[[], Any]) -> None:
-    """Run `call` and check that it died at the planned call (the resolver may turn a crash into a 500)."""
-    try:
-        reply = call()
-    except SimulatedCrash:
-        return
-    assert plan.fired, f"no crash happened: {reply}"
-    assert reply.status == 500, reply
-
-
 def consume_entries(user: str) -> list[LedgerRecord]:
     return [r for r in LedgerRecord.query(user, consistent_read=True) if r.reason == "consume"]
 
 
-def test_a_keyed_consume_makes_the_calls_the_fault_tests_cover(local_service: Any, crash: CrashPlan, ids: Any) -> None:
+def test_a_keyed_consume_makes_the_calls_the_fault_tests_cover(local_service: Any, crash: Any, ids: Any) -> None:
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
-    crash.arm("after", at_call=10**6)
+    crash.count_calls()
     assert consume(local_service, user, group, "k").status == 200
     assert crash.calls == KEYED_CALLS
-    crash.arm("after", at_call=10**6)
+    crash.count_calls()
     assert consume(local_service, user, group, None).status == 200
     assert crash.calls == UNKEYED_CALLS
     other = ids("g")
     grant(local_service, user, other, 10)
     # Dies after its debit, before its flush: the record is left in_progress.
     crash.arm("after", at_call=2)
-    crashing(crash, lambda: consume(local_service, user, other, "recover"))
-    crash.arm("after", at_call=10**6)
+    crash.expect_crash(lambda: consume(local_service, user, other, "recover"))
+    crash.count_calls()
     assert consume(local_service, user, other, "recover").status == 200
     assert crash.calls == RECOVERY_CALLS
 
@@ -120,12 +63,12 @@ def test_a_keyed_consume_makes_the_calls_the_fault_tests_cover(local_service: An
 @pytest.mark.parametrize("phase", ["before", "after"])
 @pytest.mark.parametrize("at_call", range(1, KEYED_CALLS + 1))
 def test_retry_after_a_crash_at_any_call_debits_exactly_once(
-    local_service: Any, crash: CrashPlan, ids: Any, balanced: Any, phase: str, at_call: int
+    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int
 ) -> None:
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
     crash.arm(phase, at_call)
-    crashing(crash, lambda: consume(local_service, user, group, "retry-me"))
+    crash.expect_crash(lambda: consume(local_service, user, group, "retry-me"))
     crash.disarm()
     reply = consume(local_service, user, group, "retry-me")
     expected = {"userId": user, "offerGroup": group, "consumed": 3, "balance": 7, "expiresAt": None}
@@ -141,16 +84,16 @@ def test_retry_after_a_crash_at_any_call_debits_exactly_once(
 @pytest.mark.parametrize("phase", ["before", "after"])
 @pytest.mark.parametrize("at_call", range(1, RECOVERY_CALLS + 1))
 def test_a_crash_while_replaying_is_survived_too(
-    local_service: Any, crash: CrashPlan, ids: Any, balanced: Any, phase: str, at_call: int
+    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int
 ) -> None:
     """The first request dies after its debit; the first retry dies too, at every call; the next replays."""
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
     crash.arm("after", 1)
-    crashing(crash, lambda: consume(local_service, user, group, "twice"))
+    crash.expect_crash(lambda: consume(local_service, user, group, "twice"))
     crash.arm(phase, at_call)
     # This retry may die (at the planned call) or, if it makes fewer calls, answer: both are fine.
-    with contextlib.suppress(SimulatedCrash):
+    with contextlib.suppress(crash.error):
         consume(local_service, user, group, "twice")
     crash.disarm()
     reply = consume(local_service, user, group, "twice")
@@ -163,12 +106,12 @@ def test_a_crash_while_replaying_is_survived_too(
 @pytest.mark.parametrize("phase", ["before", "after"])
 @pytest.mark.parametrize("at_call", range(1, UNKEYED_CALLS + 1))
 def test_a_crash_without_a_key_never_loses_a_ledger_entry(
-    local_service: Any, crash: CrashPlan, ids: Any, balanced: Any, phase: str, at_call: int
+    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int
 ) -> None:
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
     crash.arm(phase, at_call)
-    crashing(crash, lambda: consume(local_service, user, group, None))
+    crash.expect_crash(lambda: consume(local_service, user, group, None))
     crash.disarm()
     debited = phase == "after" or at_call > 1
     assert read_group(user, group).balance == (7 if debited else 10)

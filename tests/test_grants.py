@@ -161,3 +161,31 @@ def test_grant_keys_do_not_collide_with_consume_keys(service: Any, ids: Any, bal
                             headers={"Idempotency-Key": "same"})
     assert consumed.status == 200 and consumed.body["balance"] == 8
     balanced(user)
+
+
+# Keyed grant: record lookup, consistent read of the group, the transaction (change + ledger + record).
+KEYED_GRANT_CALLS = 3
+
+
+def test_a_keyed_grant_makes_the_calls_the_fault_tests_cover(local_service: Any, crash: Any, ids: Any) -> None:
+    crash.count_calls()
+    assert grant(local_service, ids("u"), {"offerGroup": ids("g"), "tokens": 5}, key="k").status == 201
+    assert crash.calls == KEYED_GRANT_CALLS
+
+
+@pytest.mark.parametrize("phase", ["before", "after"])
+@pytest.mark.parametrize("at_call", range(1, KEYED_GRANT_CALLS + 1))
+def test_retry_after_a_crash_at_any_call_grants_exactly_once(
+    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int
+) -> None:
+    user, group = ids("u"), ids("g")
+    body = {"offerGroup": group, "tokens": 7}
+    crash.arm(phase, at_call)
+    crash.expect_crash(lambda: grant(local_service, user, body, key="retry-me"))
+    crash.disarm()
+    reply = grant(local_service, user, body, key="retry-me")
+    assert reply.status == 201
+    assert reply.body == {"userId": user, "offerGroup": group, "balance": 7, "expiresAt": None}
+    assert grant(local_service, user, body, key="retry-me").body == reply.body
+    assert entries(user) == [(7, 7, "grant")]
+    balanced(user)
