@@ -53,9 +53,10 @@ OUTBOX_PREFIXES: Final = (META, AFTER, SEQ, EXPIRY)
 MAX_FLUSH_ENTRIES: Final = 20
 CONSUME_ROUTE: Final = "consume"
 
+# Only errors that guarantee nothing was applied: a 500 after an unkeyed debit may have debited.
 _RETRYABLE_CODES: Final = {
     "TransactionConflictException", "TransactionInProgressException", "ThrottlingException",
-    "ProvisionedThroughputExceededException", "RequestLimitExceeded", "InternalServerError",
+    "ProvisionedThroughputExceededException", "RequestLimitExceeded",
 }
 _RETRYABLE_REASONS: Final = {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"}
 
