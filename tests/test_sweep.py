@@ -28,7 +28,6 @@ from user_credits.local import template as tpl
 from user_credits.local.lambda_events import LambdaContext, scheduled_event
 from user_credits.logic import expiry as expiry_logic
 from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
-from user_credits.store.expiry import SweepProgressRecord
 from user_credits.store.ledger import expiry_bucket, ledger_record
 from user_credits.store.models import (
     AccountItem,
@@ -36,6 +35,7 @@ from user_credits.store.models import (
     LedgerRecord,
     OfferRecord,
     OrderRecord,
+    SweepProgressRecord,
     group_sk,
 )
 from user_credits.store.transactions import commit

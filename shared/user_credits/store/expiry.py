@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pynamodb.attributes import UnicodeAttribute, UTCDateTimeAttribute
 from pynamodb.exceptions import UpdateError
 
 from user_credits.store.ledger import expiry_bucket
-from user_credits.store.models import AccountItem, BalanceRecord, group_sk
+from user_credits.store.models import BalanceRecord, SweepProgressRecord, group_sk
 
 SWEEP_USER = "#sweep"
 SWEEP_SK = "EXPIRY"
@@ -33,11 +32,6 @@ PAGE_SIZE = 100
 # More day buckets than this to read (a catch-up): skip the empty ones first, probing them in parallel.
 PROBE_ABOVE = 8
 PROBE_THREADS = 16
-
-
-class SweepProgressRecord(AccountItem, discriminator="sweep"):
-    expireCursor = UnicodeAttribute(null=True)
-    updatedAt = UTCDateTimeAttribute(null=True)
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,14 @@ class OrderRecord(AccountItem, discriminator="order"):
     byPaymentIntent = PaymentIntentIndex()
 
 
+class SweepProgressRecord(AccountItem, discriminator="sweep"):
+    """The expiry sweep's stored position (one item, userId "#sweep"; see store.expiry). Declared here so
+    that every reader of the accounts table knows its discriminator."""
+
+    expireCursor = UnicodeAttribute(null=True)
+    updatedAt = UTCDateTimeAttribute(null=True)
+
+
 class GroupIndex(GlobalSecondaryIndex["LedgerRecord"]):
     class Meta:
         index_name = "byGroup"

@@ -1,0 +1,226 @@
+"""The expiry sweep's cost against the number of users: `python -m benchmarks.sweep`.
+
+For 100, 1,000 and 10,000 users (1% of them due) on DynamoDB Local, each size on tables of its own:
+the balances are written in bulk, a first sweep runs before anything is due (it stores the sweep's
+position, as the scheduled function does every few minutes in production), the clock moves past the
+due instants (time-machine), and the measured sweep expires the due groups; a repeat sweep right after
+should find nothing. Items read are counted from botocore's `after-call` event on every DynamoDB client
+pynamodb makes: Query/Scan `ScannedCount`, 1 per GetItem.
+
+Writes benchmarks/results/sweep.json and sweep.md and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    CapturedOutput,
+    EventSink,
+    Stopwatch,
+    apply_base_env,
+    function_environment,
+    machine_load,
+    markdown_table,
+)
+
+SIZES = (100, 1_000, 10_000)
+DUE_SHARE = 0.01
+
+
+@dataclass
+class ReadMeter:
+    """Items read, from botocore's `after-call` event (the same rule as tests/test_sweep.py)."""
+
+    items: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def after_call(self, parsed: dict[str, Any], model: Any, **_: Any) -> None:
+        with self.lock:
+            self.requests[model.name] += 1
+            if model.name in ("Query", "Scan"):
+                self.items += int(parsed.get("ScannedCount", parsed.get("Count", 0)))
+            elif model.name == "GetItem":
+                self.items += 1
+
+    def reset(self) -> None:
+        with self.lock:
+            self.items = 0
+            self.requests.clear()
+
+
+def install(meter: ReadMeter) -> None:
+    """Every botocore session pynamodb makes from now on reports to `meter`."""
+    import pynamodb.connection.base as pynamodb_base
+
+    make_session = pynamodb_base.get_session
+
+    def metered_session() -> Any:
+        session = make_session()
+        session.register("after-call.dynamodb", meter.after_call)
+        return session
+
+    pynamodb_base.get_session = metered_session
+
+
+@dataclass
+class SweepRun:
+    expired: int
+    warned: int
+    items_read: int
+    queries: int
+    get_items: int
+    seconds: float
+
+
+@dataclass
+class SizeResult:
+    users: int
+    due: int
+    seed_seconds: float
+    first: SweepRun
+    due_sweep: SweepRun
+    repeat: SweepRun
+
+
+def seed(users: int, due: int, start: datetime) -> list[str]:
+    """`users` balances with one ledger entry each; the first `due` expire a few minutes after `start`,
+    the others 10 to 375 days later (never inside the warning window)."""
+    from user_credits.domain.clock import to_iso
+    from user_credits.domain.ledger import LedgerEntry
+    from user_credits.store.ledger import expiry_bucket, ledger_record
+    from user_credits.store.models import BalanceRecord, LedgerRecord, group_sk
+
+    group = "bench-group"
+    ids = [f"user-{uuid.uuid4().hex[:12]}" for _ in range(users)]
+    with BalanceRecord.batch_write() as balances, LedgerRecord.batch_write() as ledger:
+        for number, user in enumerate(ids):
+            if number < due:
+                expires_at = start + timedelta(minutes=5, seconds=number)
+            else:
+                expires_at = start + timedelta(days=10 + number % 366, seconds=number)
+            balances.save(BalanceRecord(
+                user, group_sk(group), offerGroup=group, balance=100, expiresAt=expires_at, seq=1,
+                updatedAt=start, expiryBucket=expiry_bucket(expires_at),
+                expirySort=f"{to_iso(expires_at)}#{user}#{group}",
+            ))
+            ledger.save(ledger_record(LedgerEntry(
+                user_id=user, offer_group=group, delta=100, balance_after=100, reason="grant", at=start, seq=1)))
+    return ids[:due]
+
+
+def run_sweep(handler: Any, meter: ReadMeter) -> SweepRun:
+    from user_credits.local.lambda_events import LambdaContext, scheduled_event
+
+    meter.reset()
+    watch = Stopwatch()
+    with CapturedOutput():
+        summary = handler(scheduled_event(), LambdaContext(function_name="ExpirySweepFunction", budget_ms=300_000))
+    seconds = watch.seconds()
+    if summary["failures"] or not summary["complete"]:
+        raise RuntimeError(f"the sweep did not finish cleanly: {summary}")
+    return SweepRun(
+        expired=summary["expired"], warned=summary["warned"], items_read=meter.items,
+        queries=meter.requests["Query"], get_items=meter.requests["GetItem"], seconds=seconds,
+    )
+
+
+def measure_size(client: Any, endpoint: str, users: int, meter: ReadMeter) -> SizeResult:
+    import time_machine
+
+    from user_credits.config import load_settings
+    from user_credits.events import publisher
+    from user_credits.local import template as tpl
+    from user_credits.store import models
+
+    tables = tpl.create_tables(client, f"sweep-{users}-{uuid.uuid4().hex[:6]}")
+    os.environ.update(function_environment(endpoint, tables))
+    sink = EventSink()
+    publisher.client_factory = lambda: sink
+    publisher.reset_client()
+    models._bound = None
+    models.bind_tables(load_settings())
+    spec = next(s for s in tpl.functions(tables) if s.logical_id == "ExpirySweepFunction")
+    handler = tpl.load_handler(spec)
+
+    start = datetime.now(UTC).replace(microsecond=0)
+    due = max(1, round(users * DUE_SHARE))
+    watch = Stopwatch()
+    due_users = seed(users, due, start)
+    seed_seconds = watch.seconds()
+    with time_machine.travel(start, tick=True):
+        first = run_sweep(handler, meter)
+    with time_machine.travel(start + timedelta(minutes=10), tick=True):
+        due_sweep = run_sweep(handler, meter)
+        repeat = run_sweep(handler, meter)
+    expired = sorted(json.loads(e["Detail"])["userId"] for e in sink.entries if e["DetailType"] == "CreditsExpired")
+    if expired != sorted(due_users) or due_sweep.expired != due:
+        raise RuntimeError(f"{users} users: expected {due} expiries, the sweep reported {due_sweep.expired}")
+    for name in tables.values():
+        client.delete_table(TableName=name)
+    return SizeResult(users, due, seed_seconds, first, due_sweep, repeat)
+
+
+def table(results: list[SizeResult]) -> str:
+    headers = ["", *(f"{r.users:,} users" for r in results)]
+
+    def row(label: str, pick: Any) -> list[Any]:
+        return [label, *(pick(r) for r in results)]
+
+    rows = [
+        row("groups due (1%)", lambda r: r.due),
+        row("due sweep: groups expired", lambda r: r.due_sweep.expired),
+        row("due sweep: items read", lambda r: r.due_sweep.items_read),
+        row("due sweep: items read per due group", lambda r: round(r.due_sweep.items_read / r.due, 2)),
+        row("due sweep: Query / GetItem requests", lambda r: f"{r.due_sweep.queries} / {r.due_sweep.get_items}"),
+        row("due sweep: seconds", lambda r: round(r.due_sweep.seconds, 2)),
+        row("repeat sweep: items read", lambda r: r.repeat.items_read),
+        row("repeat sweep: seconds", lambda r: round(r.repeat.seconds, 2)),
+        row("first sweep (no position yet; nothing due, the 1% warned): items read", lambda r: r.first.items_read),
+        row("first sweep: warnings sent", lambda r: r.first.warned),
+        row("first sweep: Query requests (400-day look-back)", lambda r: r.first.queries),
+        row("first sweep: seconds", lambda r: round(r.first.seconds, 2)),
+        row("seeding (BatchWriteItem): seconds", lambda r: round(r.seed_seconds, 1)),
+    ]
+    return markdown_table(headers, rows)
+
+
+def main() -> None:
+    import boto3
+
+    from user_credits.local.dynamodb_local import DynamoDBLocal
+
+    apply_base_env()
+    meter = ReadMeter()
+    install(meter)
+    engine = DynamoDBLocal().start()
+    try:
+        client = boto3.client("dynamodb", endpoint_url=engine.endpoint)
+        results = [measure_size(client, engine.endpoint, users, meter) for users in SIZES]
+    finally:
+        engine.stop()
+    text = table(results)
+    note = (
+        "Expiry sweep on DynamoDB Local, 1% of users due; items read counted from botocore responses "
+        f"(Query ScannedCount, 1 per GetItem). Machine load: {machine_load()}."
+    )
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "sweep.json").write_text(json.dumps(
+        {"note": note, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    (RESULTS_DIR / "sweep.md").write_text(f"{note}\n\n{text}\n")
+    print(note)
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
