@@ -310,3 +310,12 @@ def test_stripe_keys_come_from_secrets_manager_once_per_cold_start(
     assert shop.deliver(event, secret="whsec_from_secrets_manager").status == 200
     assert shop.group(user, group).balance == 100
     secrets.forget_cached_secret()
+
+
+def test_a_payment_without_our_metadata_is_matched_by_its_payment_intent(shop: Shop, ids: Any) -> None:
+    offer_id, group = shop.offer()
+    user = ids("u")
+    order = shop.placed(user, offer_id)
+    intent = {**shop.intent(order), "metadata": {}}
+    assert shop.deliver(payment_intent_event(intent)).status == 200
+    assert shop.status(user, order["orderId"]) == "paid" and shop.group(user, group).balance == 100

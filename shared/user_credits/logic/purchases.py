@@ -322,7 +322,7 @@ _PAYABLE: Final = ("pending", "failed")
 
 
 def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
-    ref = event.order_ref()
+    ref = _order_key(event, "id")
     if ref is None:
         return WebhookOutcome("ignored_no_order")
     user_id, order_id = ref
@@ -392,7 +392,7 @@ def _status_change(new_status: str, allowed_from: tuple[str, ...]) -> Callable[[
     """payment_failed and canceled: a status change with no credit, applied once."""
 
     def on_event(event: StripeEvent) -> WebhookOutcome:
-        ref = event.order_ref()
+        ref = _order_key(event, "id")
         if ref is None:
             return WebhookOutcome("ignored_no_order")
         user_id, order_id = ref
@@ -417,12 +417,15 @@ def _status_change(new_status: str, allowed_from: tuple[str, ...]) -> Callable[[
     return on_event
 
 
-def _refund_target(event: StripeEvent) -> tuple[str, str] | None:
-    """A charge names its PaymentIntent; its metadata names the order only if someone copied it there."""
+def _order_key(event: StripeEvent, intent_field: str) -> tuple[str, str] | None:
+    """(userId, orderId) from the metadata we set; else from the PaymentIntent id through the index.
+
+    A charge names its PaymentIntent but carries our metadata only if someone copied it there.
+    """
     ref = event.order_ref()
     if ref is not None:
         return ref
-    intent_id = event.text("payment_intent")
+    intent_id = event.text(intent_field)
     return order_store.find_order_key_by_payment_intent(intent_id) if intent_id else None
 
 
@@ -435,7 +438,7 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
     `amount_refunded` is cumulative, so a later, larger refund takes only the difference, and a
     duplicate or out-of-order (smaller) one takes nothing.
     """
-    ref = _refund_target(event)
+    ref = _order_key(event, "payment_intent")
     refunded = event.integer("amount_refunded")
     if ref is None or refunded is None:
         return WebhookOutcome("ignored_no_order")
