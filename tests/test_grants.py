@@ -7,9 +7,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from user_credits.domain.clock import to_iso
-from user_credits.store.balances import EntryDraft, read_group, stage_group_change
+from user_credits.logic.grants import plan_grant
+from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
 from user_credits.store.models import LedgerRecord
 from user_credits.store.transactions import commit
 
@@ -189,3 +192,33 @@ def test_retry_after_a_crash_at_any_call_grants_exactly_once(
     assert grant(local_service, user, body, key="retry-me").body == reply.body
     assert entries(user) == [(7, 7, "grant")]
     balanced(user)
+
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+LATER = st.none() | st.integers(1, 10**8).map(lambda seconds: NOW + timedelta(seconds=seconds))
+
+
+@given(old=LATER, new=LATER, tokens=st.integers(1, 10**15), balance=st.integers(-10**6, 10**6))
+def test_a_positive_grant_never_shortens_a_live_group(
+    old: datetime | None, new: datetime | None, tokens: int, balance: int
+) -> None:
+    before = GroupState("u", "g", balance, old, seq=3, exists=True)
+    drafts, expiry = plan_grant(before, tokens, new, None, NOW)
+    if old is None:
+        assert expiry is None
+    else:
+        assert expiry is not None and expiry >= old and (new is None or expiry >= new)
+    assert [(d.delta, d.reason) for d in drafts] == [(tokens, "grant")]
+
+
+@given(old=LATER, tokens=st.integers(-10**6, -1), balance=st.integers(-10, 10**6))
+def test_a_negative_grant_never_goes_below_zero_nor_moves_the_expiry(
+    old: datetime | None, tokens: int, balance: int
+) -> None:
+    before = GroupState("u", "g", balance, old, seq=3, exists=True)
+    try:
+        drafts, expiry = plan_grant(before, tokens, None, None, NOW)
+    except Exception as refusal:
+        assert getattr(refusal, "code", None) == "insufficient_credits" and balance + tokens < 0
+        return
+    assert balance + tokens >= 0 and expiry == old and [d.delta for d in drafts] == [tokens]

@@ -19,6 +19,8 @@ from datetime import datetime
 from typing import Any
 
 from user_credits.domain.clock import to_iso, utc_now
+from user_credits.domain.crediting import GroupSnapshot, expire_remainder
+from user_credits.domain.durations import later_expiry
 from user_credits.errors import CreditsExpired, InsufficientCredits, ValidationFailed
 from user_credits.events.publisher import publish
 from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
@@ -33,12 +35,6 @@ class GrantResult:
     status: int
     body: Any
     fresh: bool
-
-
-def _later(old: datetime | None, new: datetime | None) -> datetime | None:
-    if old is None or new is None:
-        return None
-    return max(old, new)
 
 
 def plan_grant(
@@ -56,17 +52,16 @@ def plan_grant(
         if before.balance + tokens < 0:
             raise InsufficientCredits("a corrective grant cannot take the balance below 0", balance=before.balance)
         return [EntryDraft(tokens, "grant", idempotency_key=key)], before.expires_at
-    drafts = []
-    if expired:
-        if before.balance > 0:
-            drafts.append(EntryDraft(-before.balance, "expire"))
-        new_expiry = expires_at
-    elif not before.exists:
+    # The same rule as a purchase: an expired group's remainder goes first, on its own ledger entry.
+    snapshot = GroupSnapshot(before.offer_group, before.balance, before.expires_at, before.exists)
+    remainder, _ = expire_remainder(snapshot, now)
+    drafts = [EntryDraft(change.delta, change.reason) for change in remainder]
+    if expired or not before.exists:
         new_expiry = expires_at
     elif expires_at is None:
         new_expiry = before.expires_at
     else:
-        new_expiry = _later(before.expires_at, expires_at)
+        new_expiry = later_expiry(before.expires_at, expires_at)
     drafts.append(EntryDraft(tokens, "grant", idempotency_key=key))
     return drafts, new_expiry
 
