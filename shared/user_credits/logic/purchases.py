@@ -195,7 +195,7 @@ def _create_free_order(
         return 201, response, results
 
     status, response, results = optimistic(attempt)
-    _announce_credits(order.user_id, order.order_id, results)
+    _publish_all(_granted_events(order.user_id, order.order_id, results))
     return status, response
 
 
@@ -257,12 +257,17 @@ def plan_credit(user_id: str, lines: Sequence[CreditTerms], now: datetime) -> Cr
     return CreditPlan(tuple(groups))
 
 
-def _announce_credits(user_id: str, order_id: str, results: Sequence[CreditResult]) -> None:
-    for result in results:
-        publish("CreditsGranted", {
-            "userId": user_id, "offerGroup": result.offer_group, "balance": result.balance,
-            "expiresAt": to_iso(result.expires_at), "orderId": order_id, "tokens": result.tokens,
-        })
+def _granted_events(user_id: str, order_id: str, results: Sequence[CreditResult]) -> list[tuple[str, dict[str, Any]]]:
+    """One CreditsGranted per credited group, to be sent after the commit."""
+    return [("CreditsGranted", {
+        "userId": user_id, "offerGroup": r.offer_group, "balance": r.balance,
+        "expiresAt": to_iso(r.expires_at), "orderId": order_id, "tokens": r.tokens,
+    }) for r in results]
+
+
+def _publish_all(events: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    for detail_type, detail in events:
+        publish(detail_type, detail)
 
 
 # ---------------------------------------------------------------- the Stripe webhook
@@ -283,8 +288,7 @@ def receive_stripe_webhook(payload: str, signature: str | None) -> WebhookOutcom
     event = verify_event(payload, signature, secrets.webhook_secret)
     handler = _HANDLERS.get(event.type)
     outcome = WebhookOutcome("ignored") if handler is None else handler(event)
-    for detail_type, detail in outcome.after_commit:
-        publish(detail_type, detail)
+    _publish_all(outcome.after_commit)
     count(f"StripeEvent_{outcome.action}")
     logger.info("stripe event", extra={"type": event.type, "event_id": event.event_id, "action": outcome.action,
                                       "order_id": outcome.order_id})
@@ -354,12 +358,7 @@ def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
             _stage_event_record(tx, event, order_id, "paid", now)
 
         commit(build)
-        outcome = WebhookOutcome("paid", order_id)
-        outcome.after_commit = [("CreditsGranted", {
-            "userId": user_id, "offerGroup": r.offer_group, "balance": r.balance,
-            "expiresAt": to_iso(r.expires_at), "orderId": order_id, "tokens": r.tokens,
-        }) for r in results]
-        return outcome
+        return WebhookOutcome("paid", order_id, _granted_events(user_id, order_id, results))
 
     return optimistic(attempt)
 
