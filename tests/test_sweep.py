@@ -414,3 +414,32 @@ def test_the_sample_event_runs_the_handler(sweep_service: Service) -> None:
     event = json.loads((REPO_ROOT / "events" / "expiry_sweep.json").read_text())
     summary = sweep_handler(sweep_service)(event, LambdaContext(function_name="ExpirySweepFunction", budget_ms=15_000))
     assert summary == {"expired": 0, "warned": 0, "examined": 0, "complete": True, "failures": []}
+
+
+def test_the_first_sweep_catches_up_on_a_backlog_spread_over_many_days(
+    sweep_service: Service, reads: ReadMeter, ids: Any,
+) -> None:
+    group = ids("g")
+    users = [ids("old") for _ in range(15)]
+    with time_machine.travel(T0, tick=True):
+        seed_in_bulk([(user, group, 5, T0 - timedelta(days=1 + 19 * n)) for n, user in enumerate(users)],
+                     T0 - timedelta(days=300))
+        reads.reset()
+        summary = sweep(sweep_service)
+    assert (summary["expired"], summary["complete"]) == (15, True)
+    # Empty days cost a probe that reads nothing; a day with entries, one item more.
+    assert reads.items <= 3 * len(users) + 5, reads.by_operation
+    assert all(read_group(user, group).balance == 0 for user in users)
+    assert_balances_match_ledger([(u, group) for u in users])
+
+
+def test_a_clock_that_went_back_does_not_hide_what_is_due(sweep_service: Service, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    with time_machine.travel(T0 + timedelta(days=30), tick=True):
+        sweep(sweep_service)  # stores a position a month ahead of what follows
+    with time_machine.travel(T0, tick=True):
+        seed_in_bulk([(user, group, 8, T0 - timedelta(hours=1))], T0 - DAY)
+        summary = sweep(sweep_service)
+    assert summary["expired"] == 1
+    assert read_group(user, group).balance == 0
+    assert_balances_match_ledger([(user, group)])

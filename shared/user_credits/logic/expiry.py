@@ -26,6 +26,7 @@ from typing import Any
 from pynamodb.transactions import TransactWrite
 
 from user_credits.domain.clock import to_iso
+from user_credits.domain.crediting import GroupSnapshot, expire_remainder
 from user_credits.events.publisher import publish
 from user_credits.observability import count, logger
 from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
@@ -105,9 +106,11 @@ class SweepSummary:
         }
 
 
-def is_expirable(state: GroupState, now: datetime) -> bool:
-    """SPEC 2.6: due (expiresAt <= now) and positive; debt is not forgiven by expiry."""
-    return state.as_balance().is_expired(now) and state.balance > 0
+def expiry_drafts(state: GroupState, now: datetime) -> list[EntryDraft]:
+    """SPEC 2.6 with the rule purchases and grants apply first: a due group's positive remainder goes."""
+    snapshot = GroupSnapshot(state.offer_group, state.balance, state.expires_at, state.exists)
+    changes, _ = expire_remainder(snapshot, now)
+    return [EntryDraft(change.delta, change.reason) for change in changes]
 
 
 def needs_warning(record: BalanceRecord, now: datetime, window: timedelta) -> bool:
@@ -126,12 +129,13 @@ def expire_group(user_id: str, offer_group: str, now: datetime) -> GroupState | 
 
     def attempt() -> GroupState | None:
         state = read_group(user_id, offer_group)
-        if not is_expirable(state, now):
+        drafts = expiry_drafts(state, now)
+        if not drafts:
             return None
 
         def build(tx: TransactWrite) -> None:
             # The old expiresAt stays: the group remains expired, so consumption stays refused.
-            stage_group_change(tx, state, [EntryDraft(-state.balance, "expire")], state.expires_at, now)
+            stage_group_change(tx, state, drafts, state.expires_at, now)
 
         commit(build)
         return state
