@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from benchmarks.common import CapturedOutput, Engine, Reply, Service, function_ready, markdown_table, new_id
+from benchmarks.common import (
+    CapturedOutput,
+    Engine,
+    Reply,
+    Service,
+    function_ready,
+    markdown_table,
+    new_id,
+    percentile,
+)
 
 READ_OPS = {"GetItem", "Query", "Scan", "BatchGetItem", "TransactGetItems"}
 CAPACITY_OPS = READ_OPS | {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
@@ -35,6 +44,7 @@ class DynamoCall:
     rcu: float | None
     wcu: float | None
     error: str | None
+    ms: float = 0.0
 
 
 @dataclass
@@ -57,15 +67,18 @@ class CallRecorder:
             params = dict(api_params)
             if operation_name in CAPACITY_OPS:
                 params.setdefault("ReturnConsumedCapacity", "TOTAL")
+            started = time.perf_counter()
             try:
                 response = original(client, operation_name, params)
             except ClientError as error:
                 code = str(error.response.get("Error", {}).get("Code", "error"))
                 rcu, wcu = _capacity(operation_name, error.response.get("ConsumedCapacity"))
-                recorder.calls.append(DynamoCall(operation_name, rcu, wcu, code))
+                ms = (time.perf_counter() - started) * 1000
+                recorder.calls.append(DynamoCall(operation_name, rcu, wcu, code, ms))
                 raise
+            ms = (time.perf_counter() - started) * 1000
             rcu, wcu = _capacity(operation_name, response.get("ConsumedCapacity"))
-            recorder.calls.append(DynamoCall(operation_name, rcu, wcu, None))
+            recorder.calls.append(DynamoCall(operation_name, rcu, wcu, None, ms))
             return response
 
         self._original = original
@@ -347,11 +360,14 @@ def _run_pass(service: Service, stripe: Any, recorder: CallRecorder, secret: str
         recorder.take()
         stripe_before = len(stripe.requests) if stripe is not None else 0
         try:
+            wall, cpu = time.perf_counter(), time.process_time()
             reply = scenario.run(b)
             if b.ids.pop("_reset", False):  # the scenario made an uncounted warm-up request first
                 recorder.take()
                 stripe_before = len(stripe.requests) if stripe is not None else 0
+                wall, cpu = time.perf_counter(), time.process_time()
                 reply = scenario.run(b)
+            wall_ms, cpu_ms = (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
         except Exception as error:
             rows.append({**row, "measured": False, "note": f"error: {type(error).__name__}: {error}",
                          "trace": traceback.format_exc(limit=3)})
@@ -379,6 +395,9 @@ def _run_pass(service: Service, stripe: Any, recorder: CallRecorder, secret: str
             "wcu": sum(c.wcu or 0.0 for c in calls),
             "calls_without_capacity": sum(1 for c in calls if c.rcu is None and c.wcu is None),
             "stripe_calls": stripe_calls,
+            "wall_ms": wall_ms,
+            "cpu_ms": cpu_ms,
+            "dynamodb_ms": sum(c.ms for c in calls),
             "target_met": scenario.check(calls, stripe_calls) if scenario.check else None,
         })
     if "_setup_error" in b.ids:
@@ -417,7 +436,54 @@ def calibrate(engine: Engine) -> dict[str, Any]:
     }
 
 
-def run(engine: Engine) -> dict[str, Any]:
+def consume_breakdown(engine: Engine, service: Service, recorder: CallRecorder, requests: int) -> dict[str, Any]:
+    """Where one uncontended consume's time goes: sequential requests in this process, each DynamoDB
+    call timed, next to the same number of bare conditional UpdateItems on the same engine."""
+    from user_credits.local.lambda_events import LambdaContext
+
+    user = new_id("breakdown")
+    service.call("POST", f"/admin/users/{user}/grants", {"offerGroup": "bd", "tokens": 10**9}, iam=True)
+    handler, spec, _route = service.handler_for("POST", f"/users/{user}/consume")
+    totals: list[float] = []
+    per_op: dict[str, list[float]] = {}
+    outside: list[float] = []
+    recorder.take()
+    for _ in range(requests):
+        event = service.event("POST", f"/users/{user}/consume", {"offerGroup": "bd", "tokens": 1}, iam=True)
+        started = time.perf_counter()
+        status = handler(event, LambdaContext(function_name=spec.logical_id))["statusCode"]
+        total = (time.perf_counter() - started) * 1000
+        calls = recorder.take()
+        if status != 200:
+            continue
+        totals.append(total)
+        outside.append(total - sum(c.ms for c in calls))
+        for call in calls:
+            per_op.setdefault(call.operation, []).append(call.ms)
+    client = engine.client()
+    key = {"userId": {"S": new_id("floor")}, "sk": {"S": "GROUP#bd"}}
+    table = engine.tables["AccountsTable"]
+    client.put_item(TableName=table, Item={**key, "balance": {"N": str(10**9)}})
+    recorder.take()
+    floor: list[float] = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        client.update_item(TableName=table, Key=key, UpdateExpression="ADD #b :m", ConditionExpression="#b >= :t",
+                           ExpressionAttributeNames={"#b": "balance"},
+                           ExpressionAttributeValues={":m": {"N": "-1"}, ":t": {"N": "1"}})
+        floor.append((time.perf_counter() - started) * 1000)
+    recorder.take()
+    return {
+        "requests": requests,
+        "consume_ms": {"p50": percentile(totals, 50), "p99": percentile(totals, 99), "n": len(totals)},
+        "operations_ms": {op: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
+                          for op, v in per_op.items()},
+        "outside_dynamodb_ms": {"p50": percentile(outside, 50), "p99": percentile(outside, 99)},
+        "floor_ms": {"p50": percentile(floor, 50), "p99": percentile(floor, 99), "n": len(floor)},
+    }
+
+
+def run(engine: Engine, *, breakdown_requests: int = 200) -> dict[str, Any]:
     import warnings
 
     from user_credits.local import stripe_fake
@@ -441,6 +507,8 @@ def run(engine: Engine) -> dict[str, Any]:
         with output:
             cold = _run_pass(service, fake, recorder, secret)
             warm = _run_pass(service, fake, recorder, secret)
+            breakdown = (consume_breakdown(engine, service, recorder, breakdown_requests)
+                         if function_ready("consume") and function_ready("admin_grants") else None)
         elapsed = time.perf_counter() - started
     finally:
         recorder.uninstall()
@@ -451,7 +519,7 @@ def run(engine: Engine) -> dict[str, Any]:
             extra.append({"route": first["route"], "case": first["case"], "cold_calls": first["dynamodb_calls"],
                           "warm_calls": second["dynamodb_calls"], "cold_operations": first["operations"]})
     return {"rows": warm, "cold_differences": extra, "seconds": elapsed, "calibration": calibration,
-            "handler_errors": output.error_lines()}
+            "handler_errors": output.error_lines(), "consume_breakdown": breakdown}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -460,14 +528,15 @@ def markdown(result: dict[str, Any]) -> str:
         "failed with that error; DynamoDB reports no capacity for failed calls, although real DynamoDB "
         "charges conditional-check failures as writes). Capacity as reported by DynamoDB Local with "
         "`ReturnConsumedCapacity=TOTAL`; `WCU (AWS)` divides transactional WCU by the factor measured below, "
-        "the rest is as reported.",
+        "the rest is as reported. `ms` = one request's wall time (all / inside DynamoDB calls) and `CPU ms` "
+        "= this process's CPU time for it (one sample each, on a shared machine: indicative only).",
         "",
     ]
     rows = []
     for r in result["rows"]:
         if not r.get("measured"):
-            rows.append([r["route"], r["case"], "not measured", "-", "-", "-", "-", "-", "-", r.get("note", ""),
-                         r.get("target", ""), "-"])
+            rows.append([r["route"], r["case"], "not measured", "-", "-", "-", "-", "-", "-", "-", "-",
+                         r.get("note", ""), r.get("target", ""), "-"])
             continue
         status = f"{r['status']}" + (f" {r['error_code']}" if r["error_code"] else "")
         if not r["status_ok"]:
@@ -476,10 +545,11 @@ def markdown(result: dict[str, Any]) -> str:
         target = r["target"] or ""
         verdict = "-" if r["target_met"] is None else ("met" if r["target_met"] else "**NOT MET**")
         rows.append([r["route"], r["case"], status, r["dynamodb_calls"], r["transactions"], f"{r['rcu']:.1f}",
-                     f"{r['wcu']:.1f}", f"{r['wcu_aws_estimate']:.1f}", r["stripe_calls"], ops, target, verdict])
+                     f"{r['wcu']:.1f}", f"{r['wcu_aws_estimate']:.1f}", r["stripe_calls"],
+                     f"{r['wall_ms']:.0f} / {r['dynamodb_ms']:.0f}", f"{r['cpu_ms']:.1f}", ops, target, verdict])
     out.append(markdown_table(
         ["route", "case", "status", "DynamoDB calls", "of which tx", "RCU", "WCU (Local)", "WCU (AWS)",
-         "Stripe calls", "ops", "target", "met"], rows,
+         "Stripe calls", "ms (all / in DynamoDB)", "CPU ms", "ops", "target", "met"], rows,
     ))
     if result["handler_errors"]:
         out += ["", "ERROR records the handlers logged during the two passes (expected for the failure cases "
@@ -488,6 +558,17 @@ def markdown(result: dict[str, Any]) -> str:
         for line in result["handler_errors"]:
             counts[line] = counts.get(line, 0) + 1
         out += [f"- {line} (x{n})" for line, n in counts.items()]
+    bd = result.get("consume_breakdown")
+    if bd:
+        out += ["", f"Where an uncontended consume's time goes ({bd['requests']} sequential requests in one "
+                "process, milliseconds; `floor` = a bare conditional UpdateItem on the same engine):", ""]
+        lines = [["consume handler, whole request", bd["consume_ms"]["p50"], bd["consume_ms"]["p99"]]]
+        lines += [[f"  DynamoDB {op}", v["p50"], v["p99"]] for op, v in bd["operations_ms"].items()]
+        lines.append(["  outside DynamoDB (routing, validation, logging, metrics)", bd["outside_dynamodb_ms"]["p50"],
+                      bd["outside_dynamodb_ms"]["p99"]])
+        lines.append(["floor: conditional UpdateItem", bd["floor_ms"]["p50"], bd["floor_ms"]["p99"]])
+        out.append(markdown_table(["what", "p50 ms", "p99 ms"],
+                                  [[a, f"{b:.2f}", f"{c:.2f}"] for a, b, c in lines]))
     cal = result["calibration"]
     out += ["", "DynamoDB Local's capacity accounting against AWS's documented figures (transaction factor "
             f"{cal['transaction_factor']:.1f}):", ""]

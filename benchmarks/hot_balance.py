@@ -22,6 +22,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import random
+import sys
 import time
 import traceback
 import warnings
@@ -126,6 +127,28 @@ class _Direct:
         return "ok"
 
 
+@contextlib.contextmanager
+def _one_connection_for_transactions() -> Any:
+    """Seeding only (never while measuring): reuse one pynamodb Connection for the grants' transactions.
+
+    `store.transactions.transaction()` builds a new Connection (a new botocore client, its service model
+    read from disk, a new TCP connection) for every transaction: ~45 ms of CPU per grant, which would make
+    seeding 1,000 users take minutes on 2 cores. The consume path measured here does not use it.
+    """
+    from pynamodb.connection import Connection
+    from pynamodb.transactions import TransactWrite
+
+    from user_credits.store import transactions
+
+    original = transactions.transaction
+    shared = Connection()
+    transactions.transaction = lambda: TransactWrite(connection=shared)
+    try:
+        yield
+    finally:
+        transactions.transaction = original
+
+
 def _worker(index: int, conn: Any, env: dict[str, str]) -> None:
     from benchmarks.common import silence_stdout
 
@@ -151,8 +174,9 @@ def _worker(index: int, conn: Any, env: dict[str, str]) -> None:
                 users, tokens = command[1], command[2]
                 ours = runners.get("ours") or _Ours(env)
                 runners["ours"] = ours
-                for user in users:
-                    ours.grant(user, tokens)
+                with _one_connection_for_transactions():
+                    for user in users:
+                        ours.grant(user, tokens)
                 conn.send(("ok", None))
             elif kind == "run":
                 conn.send(("ok", _run(runners[command[1]], index, *command[2:])))
@@ -311,9 +335,14 @@ def _outbox(item: dict[str, Any]) -> tuple[int, int]:
 
 def _measure(pool: Pool, engine: Engine, impl: str, workers: int, users: list[str], initial: int,
              duration: float, label: str) -> dict[str, Any]:
+    phase = time.perf_counter()
     _seed(pool, engine, impl, users, initial)
+    seed_s = time.perf_counter() - phase
     start_at = time.time() + 0.3
+    phase = time.perf_counter()
     results = pool.ask(workers, ("run", impl, users, start_at, duration))
+    run_s = time.perf_counter() - phase
+    phase = time.perf_counter()
     outcomes: dict[str, int] = {}
     latencies: list[float] = []
     for result in results:
@@ -338,6 +367,9 @@ def _measure(pool: Pool, engine: Engine, impl: str, workers: int, users: list[st
         "lost_updates": successes - spent,
         "overdraft": sum(max(0, -finals[u]) for u in users) + max(0, successes - initial * len(users)),
     }
+    row["phases_s"] = {"seed": seed_s, "run": run_s, "verify": time.perf_counter() - phase}
+    print(f"  {label}, {impl}, N={workers}: {successes:,} successes; "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in row["phases_s"].items()), file=sys.stderr, flush=True)
     if per_user_success is not None:
         row.update(per_user_success)
         # One grant entry per user, then one entry per successful consume (flushed or still in the outbox).
@@ -373,12 +405,14 @@ def run(engine: Engine, *, workers: tuple[int, ...] = (1, 2, 4, 8), duration: fl
     implementations = IMPLEMENTATIONS if function_ready("consume") and function_ready("admin_grants") else (
         "naive", "floor")
     size = max((*workers, many_workers))
+    started = time.perf_counter()
     pool = start_pool(size, env)
     rows: list[dict[str, Any]] = []
-    started = time.perf_counter()
     try:
         for impl in implementations:
             pool.ask(size, ("prepare", impl, new_id("warm")))
+        print(f"  {size} workers started and warm in {time.perf_counter() - started:.1f} s", file=sys.stderr,
+              flush=True)
         big = 1_000_000_000
         for count in workers:
             for impl in implementations:

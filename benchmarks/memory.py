@@ -103,6 +103,7 @@ def run(engine: Engine, service: Service | None = None, *, requests: int = 1000)
             "rss_after_import_kib": points["after import"]["VmRSS"],
             "rss_after_1_kib": points["after 1"]["VmRSS"],
             "rss_after_100_kib": points["after 100"]["VmRSS"],
+            "rss_after_half_kib": points.get(f"after {requests // 2}", points["after 100"])["VmRSS"],
             "rss_after_last_kib": points[f"after {requests}"]["VmRSS"],
             "peak_kib": points[f"after {requests}"]["VmHWM"],
             "growth_100_to_last_kib": growth,
@@ -123,17 +124,19 @@ def markdown(result: dict[str, Any]) -> str:
     rows = []
     for r in result["rows"]:
         if not r["measured"]:
-            rows.append([r["function"], "not measured", "-", "-", "-", "-", "-", "-", r["note"]])
+            rows.append([r["function"], "not measured", "-", "-", "-", "-", "-", "-", "-", r["note"]])
             continue
         mib = lambda kib: f"{kib / 1024:.1f}"  # noqa: E731
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
         rows.append([
             r["function"], mib(r["rss_after_import_kib"]), mib(r["rss_after_1_kib"]), mib(r["rss_after_100_kib"]),
-            mib(r["rss_after_last_kib"]), mib(r["peak_kib"]), f"{r['growth_100_to_last_kib']:+,} KiB",
+            mib(r["rss_after_half_kib"]), mib(r["rss_after_last_kib"]), mib(r["peak_kib"]),
+            f"{r['growth_100_to_last_kib']:+,} KiB",
             "met" if r["no_growth"] else "**NOT MET**", statuses,
         ])
     out.append(markdown_table(
-        ["function", "after import", "after 1", "after 100", f"after {n:,}", "peak (VmHWM)", "growth 100 -> last",
+        ["function", "after import", "after 1", "after 100", f"after {n // 2:,}", f"after {n:,}", "peak (VmHWM)",
+         "growth 100 -> last",
          "no growth", "statuses"], rows,
     ))
     return "\n".join(out)
