@@ -134,10 +134,13 @@ def _print(value: Any) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    server.run_dev(
-        port=args.port, data_dir=args.data_dir, catalog=None if args.no_catalog else args.catalog,
-        engine=args.engine, sweep_every=args.sweep_every,
-    )
+    try:
+        server.run_dev(
+            port=args.port, data_dir=args.data_dir, catalog=None if args.no_catalog else args.catalog,
+            engine=args.engine, sweep_every=args.sweep_every,
+        )
+    except server.DevServerError as exc:
+        raise CliError(str(exc)) from exc
     return 0
 
 

@@ -542,6 +542,7 @@ def run_dev(
 
     started = time.monotonic()
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(data_dir)
     stop_event = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -563,7 +564,10 @@ def run_dev(
             _load_catalog_once(catalog)
 
         host = FunctionHost(tables)
-        http = make_http_server(LocalApi(host), port)
+        try:
+            http = make_http_server(LocalApi(host), port)
+        except OSError as exc:
+            raise DevServerError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); try --port N") from exc
         actual_port = http.server_address[1]
         DevState(
             api_url=f"http://127.0.0.1:{actual_port}", dynamodb_endpoint=dynamo.endpoint, engine=dynamo.kind,
@@ -589,6 +593,26 @@ def run_dev(
         dynamo.stop()
         with contextlib.suppress(OSError):
             (data_dir / STATE_FILE).unlink()
+        lock.close()
+
+
+class DevServerError(Exception):
+    pass
+
+
+def _lock_data_dir(data_dir: Path) -> Any:
+    """Held while the server runs: two DynamoDB Local processes on one database file would corrupt it."""
+    import fcntl
+
+    handle = (data_dir / "dev.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        running = DevState.read(data_dir)
+        where = f": {running.api_url}" if running else ""
+        raise DevServerError(f"another dev server already uses {data_dir}{where}") from exc
+    return handle
 
 
 def _overridable(tables: Mapping[str, str]) -> set[str]:
