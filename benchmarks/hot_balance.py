@@ -362,7 +362,7 @@ def _measure(pool: Pool, engine: Engine, impl: str, workers: int, users: list[st
         "refused": outcomes.get("refused", 0),
         "errors": {k: v for k, v in outcomes.items() if k not in ("ok", "refused")},
         "per_second": successes / elapsed if elapsed else 0.0,
-        "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+        "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "_latencies": latencies,
         "final_balance_total": sum(finals.values()), "tokens_spent": spent,
         "lost_updates": successes - spent,
         "overdraft": sum(max(0, -finals[u]) for u in users) + max(0, successes - initial * len(users)),
@@ -376,6 +376,30 @@ def _measure(pool: Pool, engine: Engine, impl: str, workers: int, users: list[st
         row["ledger_entries_expected"] = successes + len(users)
         row["ledger_entries_ok"] = row["ledger_entries"] + row["outbox_pending"] == row["ledger_entries_expected"]
     return row
+
+
+_SUMMED = ("seconds", "successes", "refused", "final_balance_total", "tokens_spent", "lost_updates", "overdraft",
+           "users", "ledger_entries", "outbox_pending", "ledger_mismatched_users", "ledger_entries_expected")
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the halves of a run: counts add up, latency percentiles over all the samples."""
+    merged = dict(parts[0])
+    for key in _SUMMED:
+        if key in merged:
+            merged[key] = sum(p[key] for p in parts)
+    merged["errors"] = {}
+    for part in parts:
+        for key, value in part["errors"].items():
+            merged["errors"][key] = merged["errors"].get(key, 0) + value
+    latencies = [v for p in parts for v in p["_latencies"]]
+    merged.update(p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99), _latencies=latencies,
+                  per_second=merged["successes"] / merged["seconds"] if merged["seconds"] else 0.0,
+                  halves=len(parts))
+    if "ledger_entries_ok" in merged:
+        merged["ledger_entries_ok"] = all(p["ledger_entries_ok"] for p in parts)
+    merged["phases_s"] = {k: sum(p["phases_s"][k] for p in parts) for k in parts[0]["phases_s"]}
+    return merged
 
 
 def _successes_per_user(impl: str, engine: Engine, users: list[str], items: dict[str, Any],
@@ -415,9 +439,14 @@ def run(engine: Engine, *, workers: tuple[int, ...] = (1, 2, 4, 8), duration: fl
               flush=True)
         big = 1_000_000_000
         for count in workers:
-            for impl in implementations:
-                rows.append(_measure(pool, engine, impl, count, [new_id(f"hot-{impl}")], big, duration,
-                                     "one hot balance"))
+            # Two halves in mirrored order (A B C, then C B A), each on a fresh hot user, so that a load
+            # change on this shared machine during the run weighs on every implementation alike.
+            halves: dict[str, list[dict[str, Any]]] = {impl: [] for impl in implementations}
+            for order in (implementations, tuple(reversed(implementations))):
+                for impl in order:
+                    halves[impl].append(_measure(pool, engine, impl, count, [new_id(f"hot-{impl}")], big,
+                                                 duration / 2, "one hot balance"))
+            rows.extend(_merge(halves[impl]) for impl in implementations)
         # A balance that runs out: a correct consume stops at exactly `small_balance` successes.
         for impl in implementations:
             rows.append(_measure(pool, engine, impl, many_workers, [new_id(f"small-{impl}")], small_balance,
@@ -428,6 +457,8 @@ def run(engine: Engine, *, workers: tuple[int, ...] = (1, 2, 4, 8), duration: fl
                                  f"{many_users:,} users"))
     finally:
         pool.close()
+    for row in rows:
+        row.pop("_latencies", None)
     for row in rows:
         # A balance that runs out caps every correct implementation at the same count: no ratio there.
         if row["implementation"] == "ours" and "runs out" not in row["scenario"]:
