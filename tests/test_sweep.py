@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,15 +49,27 @@ DAY = timedelta(days=1)
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
-def sweep_service(backend: Backend, monkeypatch: pytest.MonkeyPatch, events: EventRecorder) -> Iterator[Service]:
-    """The service on fresh tables of its own (same engine as `backend`)."""
+def _on_own_tables(backend: Backend, monkeypatch: pytest.MonkeyPatch, events: EventRecorder) -> Iterator[Service]:
     client = backend.client()
     tables = tpl.create_tables(client, f"sweep-{uuid.uuid4().hex[:8]}")
     service = Service(Backend(backend.name, backend.endpoint, tables), monkeypatch, events)
     yield service
     for name in tables.values():
         client.delete_table(TableName=name)
+
+
+@pytest.fixture
+def sweep_service(backend: Backend, monkeypatch: pytest.MonkeyPatch, events: EventRecorder) -> Iterator[Service]:
+    """The service on fresh tables of its own (same engine as `backend`)."""
+    yield from _on_own_tables(backend, monkeypatch, events)
+
+
+@pytest.fixture
+def local_sweep_service(
+    ddblocal_backend: Backend, monkeypatch: pytest.MonkeyPatch, events: EventRecorder,
+) -> Iterator[Service]:
+    """The same on DynamoDB Local only: for races, where moto's transactions are not enough."""
+    yield from _on_own_tables(ddblocal_backend, monkeypatch, events)
 
 
 @dataclass
@@ -336,8 +349,10 @@ def test_expiring_soon_is_sent_once_per_user_group_and_expiry_and_again_for_a_ne
 
 
 def test_a_time_limit_mid_sweep_leaves_the_rest_to_the_next_run_exactly_once(
-    sweep_service: Service, ids: Any,
+    sweep_service: Service, monkeypatch: pytest.MonkeyPatch, ids: Any,
 ) -> None:
+    # Groups are expired in batches, with the time checked between them: batches of 2 here.
+    monkeypatch.setattr(expiry_logic, "BATCH", 2)
     group = ids("g")
     users = [ids("due") for _ in range(10)]
     with time_machine.travel(T0, tick=True):
@@ -443,3 +458,23 @@ def test_a_clock_that_went_back_does_not_hide_what_is_due(sweep_service: Service
     assert summary["expired"] == 1
     assert read_group(user, group).balance == 0
     assert_balances_match_ledger([(user, group)])
+
+
+def test_two_sweeps_at_the_same_time_expire_each_group_once(local_sweep_service: Service, ids: Any) -> None:
+    group = ids("g")
+    users = [ids("due") for _ in range(12)]
+    with time_machine.travel(T0, tick=True):
+        seed_in_bulk([(user, group, 3 + n, T0 + timedelta(minutes=n)) for n, user in enumerate(users)], T0)
+    with time_machine.travel(T0 + timedelta(hours=1), tick=True):
+        # A scheduler retry can overlap a slow run: both find the same due groups.
+        handler = sweep_handler(local_sweep_service)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            runs = list(pool.map(lambda _: handler(scheduled_event(), LambdaContext(budget_ms=300_000)), range(2)))
+        again = sweep(local_sweep_service)
+    assert sum(r["expired"] for r in runs) == len(users) and again["expired"] == 0
+    assert all(r["failures"] == [] for r in runs)
+    expired = [e["userId"] for e in local_sweep_service.events.of_type("CreditsExpired")]
+    assert sorted(expired) == sorted(users)
+    for user in users:
+        assert len(expire_entries(user, group)) == 1
+    assert_balances_match_ledger([(u, group) for u in users])

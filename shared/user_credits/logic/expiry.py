@@ -18,7 +18,8 @@ Choices (see README, "Expiry sweep"):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -57,6 +58,11 @@ SETTLE = timedelta(seconds=15)
 FIRST_RUN_LOOKBACK = timedelta(days=400)
 # Store the position every so many entries, so a crash (not a clean stop) repeats little work.
 SAVE_EVERY = 200
+# Due groups are expired this many at a time, side by side: each is a few round trips that wait on the
+# network, so a backlog drains several times faster than one by one. The time limit is checked between
+# batches, and the position only moves over a batch once all of it is done.
+BATCH = 32
+WORKERS = 8
 
 
 class Deadline:
@@ -143,8 +149,27 @@ def expire_group(user_id: str, offer_group: str, now: datetime) -> GroupState | 
     return optimistic(attempt)
 
 
+def _expire_entry(record: BalanceRecord, now: datetime) -> GroupState | Exception | None:
+    """`expire_group` for a worker thread: an unexpected error is returned, to be reported in order."""
+    try:
+        return expire_group(record.userId, record.offerGroup, now)
+    except Exception as error:
+        return error
+
+
+def _batches(entries: Iterator[BalanceRecord], size: int) -> Iterator[list[BalanceRecord]]:
+    batch: list[BalanceRecord] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _failure(record: BalanceRecord, stage: str, error: Exception) -> Failure:
-    logger.exception("sweep failed on one group", extra={
+    logger.error("sweep failed on one group", exc_info=error, extra={
         "userId": record.userId, "offerGroup": record.offerGroup, "stage": stage})
     count("SweepFailures")
     return Failure(record.userId, record.offerGroup, stage, f"{type(error).__name__}: {error}")
@@ -184,32 +209,34 @@ def expire_due_groups(now: datetime, deadline: Deadline) -> PassReport:
     if deadline.reached():
         report.complete = False
         return report
-    for record in index_entries(start, through):
-        if deadline.reached():
-            report.complete = False
-            break
-        report.examined += 1
-        if record.expiresAt is None or record.expiresAt > now:
-            continue  # later in the current second: due next run
-        try:
-            before = expire_group(record.userId, record.offerGroup, now)
-        except Exception as error:
-            report.failures.append(_failure(record, "expire", error))
-            blocked = True
-            continue
-        if not blocked:
-            reached = record.expirySort
-        if before is not None:
-            report.changed += 1
-            publish("CreditsExpired", {
-                "userId": before.user_id, "offerGroup": before.offer_group, "balance": 0,
-                "expiresAt": to_iso(before.expires_at), "expiredTokens": before.balance,
-            })
-        if report.examined % SAVE_EVERY == 0:
-            saved = store(reached)
-    else:
-        if not blocked:
-            reached = through
+    since_save = 0
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        for batch in _batches(index_entries(start, through), BATCH):
+            if deadline.reached():
+                report.complete = False
+                break
+            report.examined += len(batch)
+            since_save += len(batch)
+            # Entries later in the current second are not due yet: left for the next run.
+            due = [r for r in batch if r.expiresAt is not None and r.expiresAt <= now]
+            for record, outcome in zip(due, pool.map(lambda r: _expire_entry(r, now), due), strict=True):
+                if isinstance(outcome, Exception):
+                    report.failures.append(_failure(record, "expire", outcome))
+                    blocked = True
+                    continue
+                if not blocked:
+                    reached = record.expirySort
+                if outcome is not None:
+                    report.changed += 1
+                    publish("CreditsExpired", {
+                        "userId": outcome.user_id, "offerGroup": outcome.offer_group, "balance": 0,
+                        "expiresAt": to_iso(outcome.expires_at), "expiredTokens": outcome.balance,
+                    })
+            if since_save >= SAVE_EVERY:
+                saved, since_save = store(reached), 0
+        else:
+            if not blocked:
+                reached = through
     store(reached)
     if report.changed:
         count("GroupsExpired", report.changed)
