@@ -40,7 +40,9 @@ module = importlib.import_module({module!r})
 target = getattr(module, {attr!r}) if {attr!r} else module
 elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 new = sorted({{m.split('.')[0] for m in sys.modules if m not in before}})
+ours = sorted(m for m in sys.modules if m.startswith("user_credits.") and m not in before)
 print(json.dumps({{"seconds": elapsed, "cpu_seconds": cpu, "stripe": "stripe" in sys.modules, "packages": new,
+                   "user_credits_modules": ours,
                    "modules": len(sys.modules) - len(before)}}))
 """
 
@@ -260,6 +262,8 @@ def run(runs: int = 5) -> dict[str, Any]:
             "may_import_stripe": name in STRIPE_FUNCTIONS,
             "stripe_ok": imports_stripe is False or name in STRIPE_FUNCTIONS,
             "packages": facts[name]["packages"],
+            "imports_boto3": "boto3" in facts[name]["packages"],
+            "user_credits_modules": facts[name]["user_credits_modules"],
             "modules_loaded": facts[name]["modules"],
             "package_ms": costs[name],
         })
@@ -289,7 +293,7 @@ def markdown(result: dict[str, Any]) -> str:
     for row in result["functions"]:
         if not row["measured"]:
             rows.append([row["function"], row["code_uri"], "not measured (handler missing)", "-", "-", "-", "-", "-",
-                         "-"])
+                         "-", "-"])
             continue
         rows.append([
             row["function"],
@@ -300,11 +304,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{row['ratio_to_boto3']:.2f}x",
             "met" if row["within_2_5x"] else "**NOT MET**",
             ("yes" if row["imports_stripe"] else "no") + ("" if row["stripe_ok"] else " **(should not)**"),
+            "yes" if row["imports_boto3"] else "no",
             row["modules_loaded"],
         ])
     out.append(markdown_table(
         ["function", "CodeUri", "wall ms median (min-max)", "wall x boto3", "CPU ms median", "CPU x boto3",
-         "<= 2.5x (CPU)", "imports stripe", "modules loaded"], rows,
+         "<= 2.5x (CPU)", "imports stripe", "imports boto3", "modules loaded"], rows,
     ))
     out += ["", "Where the time goes: ms per package (sum of its modules' self times in one `-X importtime` run, "
             "which itself inflates the total; `other` is mostly the standard library):", ""]
