@@ -67,11 +67,11 @@ class DevServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the dev server exited ({self.process.returncode}):\n{self.log()}")
             try:
-                if requests.get(f"{self.url}/offers", headers=auth("probe"), timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/offers", headers=auth("probe"), timeout=20).status_code == 200:
                     self.seconds_to_first_200 = time.monotonic() - started
                     return self
             except requests.ConnectionError:
-                pass
+                pass  # not listening yet
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"the dev server did not answer within 60 s:\n{self.log()}")
