@@ -186,3 +186,23 @@ def test_against_a_stack_the_cli_finds_the_tables_in_its_outputs(tmp_path: Path)
         assert not any(name.startswith("local-") for name in names)
     finally:
         moto.stop()
+
+
+def test_the_example_catalog_unlocks_the_pro_pack_and_gives_the_trial_for_free(dev_server: DevServer) -> None:
+    user = f"pro-{uuid.uuid4().hex[:8]}"
+
+    def visible() -> dict[str, bool]:
+        offers = requests.get(f"{dev_server.url}/offers", headers=auth(user), timeout=10).json()["offers"]
+        return {o["offerId"]: o["subscribed"] for o in offers}
+
+    assert "tokens-100" in visible() and "tokens-250-pro" not in visible()
+    trial = _order(dev_server, user, "trial")
+    assert (trial["status"], trial["amount"], trial["paymentIntentId"]) == ("paid", 0, None)
+
+    pro = _order(dev_server, user, "pro-monthly")
+    paid = dev_server.cli("pay", pro["orderId"])
+    assert paid.returncode == 0, paid.stdout + paid.stderr
+
+    after = visible()
+    assert "tokens-250-pro" in after and "tokens-100" not in after  # same overridingKey, unlocked wins
+    assert after["pro-monthly"] is True and after["trial"] is True
