@@ -21,6 +21,11 @@ With an Idempotency-Key the decision is instead a TransactWriteItems of [Put the
 `in_progress` if absent, the same conditional balance update], so the debit and the record exist
 together or not at all: a retry that finds the record knows the debit happened and only has to flush
 and replay, and a concurrent duplicate fails on the record's condition and cannot debit twice.
+
+DynamoDB calls on the success path: 2 without a key (UpdateItem, TransactWriteItems); 3 with one
+(TransactWriteItems, a consistent GetItem for the entry's balanceAfter, TransactWriteItems). A refusal
+is 1 call and writes nothing; refusals are not stored under the key, so a retry after a top-up can
+succeed.
 """
 
 from __future__ import annotations
