@@ -284,22 +284,34 @@ def test_landing_exactly_on_the_threshold_is_not_low(service: Any, ids: Any, eve
     assert len(events.of_type("CreditsLow")) == 1
 
 
+def emitted_metrics(capsys: pytest.CaptureFixture[str]) -> set[str]:
+    """Metric names in the EMF lines Powertools printed when the handler returned."""
+    names: set[str] = set()
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            for directive in json.loads(line)["_aws"]["CloudWatchMetrics"]:
+                names |= {metric["Name"] for metric in directive["Metrics"]}
+    return names
+
+
 def test_consume_succeeds_when_the_low_balance_event_cannot_be_sent(
-    service: Any, ids: Any, events: Any, balanced: Any, caplog: pytest.LogCaptureFixture
+    service: Any, ids: Any, events: Any, balanced: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     user, group = ids("u"), ids("g")
     service.setenv("LOW_BALANCE_THRESHOLDS", json.dumps({group: 5}))
     grant(service, user, group, 10)
     events.fail = True
+    capsys.readouterr()
     reply = consume(service, user, group, 8)
     assert reply.status == 200 and reply.body["balance"] == 2
     assert events.of_type("CreditsLow") == []
+    assert "EventsFailed" in emitted_metrics(capsys)
     assert read_group(user, group).balance == 2
     balanced(user)
 
 
 def test_an_entry_whose_flush_failed_is_written_by_the_next_writer(
-    service: Any, ids: Any, monkeypatch: pytest.MonkeyPatch, balanced: Any
+    service: Any, ids: Any, monkeypatch: pytest.MonkeyPatch, balanced: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     user, group = ids("u"), ids("g")
     grant(service, user, group, 10)
@@ -312,6 +324,7 @@ def test_an_entry_whose_flush_failed_is_written_by_the_next_writer(
     reply = consume(service, user, group, 3)
     # The consume happened even though its ledger entry is still in the outbox.
     assert reply.status == 200 and reply.body["balance"] == 7
+    assert "OutboxFlushFailed" in emitted_metrics(capsys)
     assert [e.balance_after for e in consumption_store.pending_entries(user, group)] == [7]
     assert len(ledger(user)) == 1
     monkeypatch.setattr(consumption_store, "flush_entries", real_flush)
