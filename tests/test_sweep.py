@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from user_credits.domain.ledger import LedgerEntry
 from user_credits.local import template as tpl
 from user_credits.local.lambda_events import LambdaContext, scheduled_event
 from user_credits.logic import expiry as expiry_logic
+from user_credits.logic.invariants import check_user
 from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
 from user_credits.store.ledger import expiry_bucket, ledger_record
 from user_credits.store.models import (
@@ -185,13 +186,10 @@ def ledger_of(user: str) -> list[LedgerRecord]:
 
 def assert_balances_match_ledger(pairs: list[tuple[str, str]]) -> None:
     """SPEC 1: for every (user, group), balance == sum of its ledger deltas."""
-    for user in {u for u, _ in pairs}:
-        sums: dict[str, int] = defaultdict(int)
-        for record in ledger_of(user):
-            sums[record.offerGroup] += int(record.delta)
-        for u, group in pairs:
-            if u == user:
-                assert read_group(user, group).balance == sums[group], (user, group)
+    for user in sorted({u for u, _ in pairs}):
+        report = check_user(user)
+        assert report.ok, report.mismatches
+        assert report.groups == sum(1 for u, _ in pairs if u == user)
 
 
 def expire_entries(user: str, group: str) -> list[LedgerRecord]:
