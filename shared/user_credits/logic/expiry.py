@@ -14,6 +14,12 @@ Choices (see README, "Expiry sweep"):
 - One group that fails (throttling, a bug) is logged, counted (`SweepFailures`) and reported; the sweep
   goes on with the others. The stored position does not pass a failed entry, so it is retried on the
   next run (everything after it is re-read then, harmlessly: balances already at 0 are skipped).
+- Expiries read only the index days from the stored position to now (store.expiry), about 2 items per
+  due group: the index entry and the consistent re-read. The position is what makes a backlog drain
+  over several runs; exactly-once comes from the data (seq guard, balance 0 after), so re-reading an
+  entry twice is harmless.
+- The warning window is read whole on every run (a group whose expiry moved inside the window must be
+  warned again), so its cost is the groups expiring within the window, once per run.
 """
 
 from __future__ import annotations
