@@ -74,17 +74,20 @@ def test_refund_sends_signed_webhooks_that_revoke_tokens_in_proportion(dev_serve
     assert _ledger(dev_server, user)[0] == ("ai-tokens", "refund", -100, 0)
 
 
-def _grant_expiring(server: DevServer, user: str, seconds: float) -> None:
-    expires = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+def _grant_expiring(server: DevServer, user: str, seconds: float) -> datetime:
+    """A grant expiring soon; soon enough for the test, late enough to be in the future when it lands."""
+    moment = datetime.now(UTC) + timedelta(seconds=seconds)
+    expires = moment.isoformat().replace("+00:00", "Z")
     response = requests.post(f"{server.url}/admin/users/{user}/grants", timeout=10,
                              json={"offerGroup": "trial-tokens", "tokens": 30, "expiresAt": expires})
     assert response.status_code == 201, response.text
+    return moment
 
 
 def test_the_sweep_runs_on_demand(dev_server: DevServer) -> None:
     user = f"demand-{uuid.uuid4().hex[:8]}"
-    _grant_expiring(dev_server, user, 1)
-    time.sleep(1.2)
+    expires = _grant_expiring(dev_server, user, 3)
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.2)
     assert _ledger(dev_server, user)[0][1] == "grant"  # the template's schedule (5 minutes) has not run yet
 
     swept = dev_server.cli("sweep")
@@ -99,8 +102,8 @@ def test_the_dev_server_runs_the_sweep_on_its_schedule(tmp_path: Path) -> None:
     server = DevServer(tmp_path / "data", tmp_path / "dev.log", "--sweep-every", "1", "--engine", "moto").start()
     try:
         user = f"sched-{uuid.uuid4().hex[:8]}"
-        _grant_expiring(server, user, 1)
-        deadline = time.monotonic() + 15
+        _grant_expiring(server, user, 3)
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _ledger(server, user)[0][1] != "expire":
             time.sleep(0.25)
         assert _ledger(server, user)[0] == ("trial-tokens", "expire", -30, 0)
