@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -150,8 +151,16 @@ def table_environment(tables: Mapping[str, str]) -> dict[str, str]:
     return {_TABLE_ENV[logical]: name for logical, name in tables.items() if logical in _TABLE_ENV}
 
 
+_import_lock = threading.Lock()
+
+
 def load_handler(spec: FunctionSpec) -> Any:
     """Import `app.handler` from the function's CodeUri folder under a unique module name."""
+    with _import_lock:
+        return _load_handler(spec)
+
+
+def _load_handler(spec: FunctionSpec) -> Any:
     module_name, attr = spec.handler.rsplit(".", 1)
     file = spec.code_uri / f"{module_name}.py"
     unique = f"functions_{spec.code_uri.name}_{module_name}"

@@ -10,6 +10,7 @@ table so that a hot balance does not share its partition's write capacity with i
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from pynamodb.attributes import (
@@ -19,6 +20,7 @@ from pynamodb.attributes import (
     UnicodeAttribute,
     UTCDateTimeAttribute,
 )
+from pynamodb.connection import Connection
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.models import Model
 
@@ -187,7 +189,26 @@ def bind_tables(settings: Settings) -> None:
     for model in models:
         # A cached connection keeps the old table name (and the old endpoint).
         model._connection = None
+    global _generation
+    _generation += 1
     _bound = names
+
+
+_generation = 0
+_per_thread = threading.local()
+
+
+def shared_connection() -> Connection:
+    """The low-level connection for transactions: one per thread, dropped whenever the tables are rebound.
+
+    Building a botocore client parses its service model (~170 ms), so it must not happen per commit.
+    """
+    cached = getattr(_per_thread, "connection", None)
+    if cached is None or cached[0] != _generation:
+        cached = (_generation, Connection())
+        _per_thread.connection = cached
+    connection: Connection = cached[1]
+    return connection
 
 
 def group_sk(offer_group: str) -> str:

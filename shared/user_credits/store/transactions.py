@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pynamodb.connection import Connection
 from pynamodb.exceptions import PutError, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from user_credits.errors import ServiceBusy
+from user_credits.store.models import shared_connection
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ class StaleRead(Exception):
 
 
 def transaction() -> TransactWrite:
-    return TransactWrite(connection=Connection())
+    return TransactWrite(connection=shared_connection())
 
 
 def cancellation_codes(error: TransactWriteError) -> list[str | None]:
