@@ -46,14 +46,17 @@ pytest: install
 
 test: install lint typecheck template-lint pytest
 
-dev: $(VENV)/.installed .cache/dynamodb-local/DynamoDBLocal.jar
+dev: $(VENV)/.installed
 	$(VENV)/bin/user-credits dev
 
 bench: install
 	$(PY) -m benchmarks.run
 
+# About 5 minutes of stateful model checking, then the hostile-input fuzzing with the soak profile.
 soak: install
-	HYPOTHESIS_PROFILE=soak $(VENV)/bin/pytest -q tests/reliability $(PYTEST_ARGS)
+	SOAK_SECONDS=$${SOAK_SECONDS:-300} HYPOTHESIS_PROFILE=soak $(VENV)/bin/pytest -q -s --timeout 1800 \
+		tests/reliability/test_model.py $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=soak $(VENV)/bin/pytest -q --timeout 1800 tests/reliability/test_hostile_input.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SAMVENV) .cache .pytest_cache .mypy_cache .ruff_cache

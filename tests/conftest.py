@@ -15,6 +15,7 @@ from typing import Any
 
 import boto3
 import pytest
+from hypothesis import HealthCheck, settings
 
 from user_credits.config import load_settings
 from user_credits.events import publisher
@@ -34,6 +35,12 @@ BASE_ENV = {
 }
 for _key, _value in BASE_ENV.items():
     os.environ[_key] = _value
+# Hypothesis profiles: `ci` (bounded, part of `make test`) and `soak` (`make soak`).
+_QUIET = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("soak", max_examples=2000, deadline=None, suppress_health_check=_QUIET)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 # No test may reach AWS by accident: anything not pointed at a local endpoint fails to resolve.
 os.environ.setdefault("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
 

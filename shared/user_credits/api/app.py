@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +17,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import BotoCoreError, ClientError
 from pynamodb.exceptions import PynamoDBException
 
-from user_credits.api.auth import check_caller
+from user_credits.api.auth import caller_kind, check_caller
 from user_credits.config import load_settings
 from user_credits.errors import (
     CreditsError,
@@ -89,15 +90,13 @@ def build_app(*routers: Router) -> APIGatewayHttpResolver:
     def _dynamodb(error: PynamoDBException) -> Response[str]:
         # pynamodb wraps botocore's errors; what happened is on its cause.
         if isinstance(error.cause, BotoCoreError):
-            return _transport(error.cause)
+            return _unreachable(error.cause)
         code = error.cause.response.get("Error", {}).get("Code", "") if isinstance(error.cause, ClientError) else ""
         return _aws_failure(str(code))
 
     @app.exception_handler(BotoCoreError)
     def _transport(error: BotoCoreError) -> Response[str]:
-        # Timeouts and dropped connections: nothing is known to have happened, the caller may retry.
-        logger.warning("AWS unreachable", extra={"error": type(error).__name__})
-        return error_response(ServiceBusy("a dependency timed out, retry shortly"))
+        return _unreachable(error)
 
     @app.exception_handler(Exception)
     def _unexpected(error: Exception) -> Response[str]:
@@ -110,6 +109,12 @@ def build_app(*routers: Router) -> APIGatewayHttpResolver:
         return error_response(RouteNotFound("no such route"))
 
     return app
+
+
+def _unreachable(error: BotoCoreError) -> Response[str]:
+    # Timeouts and dropped connections: nothing is known to have happened, the caller may retry.
+    logger.warning("AWS unreachable", extra={"error": type(error).__name__})
+    return error_response(ServiceBusy("a dependency timed out, retry shortly"))
 
 
 def _aws_failure(code: str) -> Response[str]:
@@ -128,6 +133,29 @@ def _body_size(event: Mapping[str, Any]) -> int:
     return len(body.encode("utf-8"))
 
 
+def _content_type(event: Mapping[str, Any]) -> str:
+    headers = event.get("headers") or {}
+    return next((str(v) for k, v in headers.items() if k.lower() == "content-type"), "").strip().lower()
+
+
+def _check_json_object(event: Mapping[str, Any]) -> None:
+    """Every body we accept is one JSON object. Checked here, in one place, because Powertools would
+    parse form and multipart bodies (and crash on some), and would read `[{...}]` as its first element."""
+    raw = event.get("body")
+    if not raw:
+        return
+    content_type = _content_type(event)
+    if content_type and not content_type.startswith("application/json"):
+        raise UnsupportedMediaType("send JSON with Content-Type: application/json")
+    try:
+        text = base64.b64decode(raw).decode("utf-8") if event.get("isBase64Encoded") else str(raw)
+        parsed = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MalformedJson("the body is not valid JSON") from error
+    if not isinstance(parsed, dict):
+        raise ValidationFailed("the body must be a JSON object")
+
+
 def handle(app: APIGatewayHttpResolver, event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Size and caller checks come first: nothing is parsed for a caller who may not call."""
     try:
@@ -135,6 +163,9 @@ def handle(app: APIGatewayHttpResolver, event: dict[str, Any], context: LambdaCo
         user_id = check_caller(event, path)
         if _body_size(event) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+        if caller_kind(path) != "stripe":
+            # The webhook verifies its raw bytes' signature before it reads anything.
+            _check_json_object(event)
         bind_tables(load_settings())
     except CreditsError as error:
         return _early_response(error)

@@ -45,7 +45,8 @@ class OfferIn(StrictModel):
     overridingKey: Id | None = None
     weight: AnyInt = 0
     popular: bool = False
-    combinedItems: Annotated[list[CombinedItemIn], Field(max_length=50)] = []
+    # A purchase commits in one transaction (at most 100 items, ~3 per group credited): 20 items fit.
+    combinedItems: Annotated[list[CombinedItemIn], Field(max_length=20)] = []
     active: bool = True
 
     @model_validator(mode="after")

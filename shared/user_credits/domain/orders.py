@@ -11,6 +11,9 @@ from user_credits.domain.clock import to_iso
 from user_credits.domain.offers import Holdings
 
 STATUSES: Final = ("pending", "paid", "failed", "canceled", "inconsistent", "refunded", "partially_refunded")
+# What "a paid order" means everywhere (unlocking, `subscribed`, GET /credits): the payment arrived and
+# was not refunded in full. A partial refund takes back tokens, not the purchase itself.
+PAID_STATUSES: Final = ("paid", "partially_refunded")
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Order:
 
     def credits_active(self, now: datetime) -> bool:
         """A paid order whose credits have not expired (SPEC 2.2: unlocks and subscribes)."""
-        return self.status == "paid" and (self.expires_at is None or self.expires_at > now)
+        return self.status in PAID_STATUSES and (self.expires_at is None or self.expires_at > now)
 
     def to_json(self, client_secret: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {

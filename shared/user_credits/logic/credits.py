@@ -9,14 +9,14 @@ import re
 from typing import Any, Final
 
 from user_credits.domain.balances import Balance
+from user_credits.domain.orders import PAID_STATUSES
 from user_credits.errors import ValidationFailed
 from user_credits.store import ledger as ledger_store
 from user_credits.store.models import AccountItem, BalanceRecord, OrderRecord
 from user_credits.store.orders import to_order
 
-# Orders that still stand for credits the user bought. `partially_refunded` keeps its unrevoked part;
-# `refunded`, `pending`, `failed`, `canceled` and `inconsistent` credited nothing that remains.
-LISTED_ORDER_STATUSES = ("paid", "partially_refunded")
+# Orders that still stand for credits the user bought: the one definition of a paid order.
+LISTED_ORDER_STATUSES = PAID_STATUSES
 
 
 def credits_of(user_id: str) -> dict[str, Any]:
