@@ -128,28 +128,6 @@ class _Direct:
         return "ok"
 
 
-@contextlib.contextmanager
-def _one_connection_for_transactions() -> Any:
-    """Seeding only (never while measuring): reuse one pynamodb Connection for the grants' transactions.
-
-    `store.transactions.transaction()` builds a new Connection (a new botocore client, its service model
-    read from disk, a new TCP connection) for every transaction: ~45 ms of CPU per grant, which would make
-    seeding 1,000 users take minutes on 2 cores. The consume path measured here does not use it.
-    """
-    from pynamodb.connection import Connection
-    from pynamodb.transactions import TransactWrite
-
-    from user_credits.store import transactions
-
-    original = transactions.transaction
-    shared = Connection()
-    transactions.transaction = lambda: TransactWrite(connection=shared)
-    try:
-        yield
-    finally:
-        transactions.transaction = original
-
-
 def _worker(index: int, conn: Any, env: dict[str, str]) -> None:
     os.environ.update(env)
     for key in QUIET_ENV:  # workers run with production logging and metrics settings
@@ -177,9 +155,8 @@ def _worker(index: int, conn: Any, env: dict[str, str]) -> None:
                 users, tokens = command[1], command[2]
                 ours = runners.get("ours") or _Ours(env)
                 runners["ours"] = ours
-                with _one_connection_for_transactions():
-                    for user in users:
-                        ours.grant(user, tokens)
+                for user in users:
+                    ours.grant(user, tokens)
                 conn.send(("ok", None))
             elif kind == "run":
                 sys.stdout.flush()
