@@ -10,7 +10,7 @@ longer waiting for that event and does nothing. Events go to EventBridge only af
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final
@@ -33,7 +33,7 @@ from user_credits.domain.crediting import (
     revoke_from_group,
 )
 from user_credits.domain.offers import Offer, is_visible
-from user_credits.domain.orders import Order, holdings_from_orders
+from user_credits.domain.orders import PAID_STATUSES, Order, holdings_from_orders
 from user_credits.errors import (
     CurrencyNotSupported,
     OfferInactive,
@@ -325,8 +325,19 @@ def _mismatch(record: OrderRecord, event: StripeEvent) -> str | None:
 _PAYABLE: Final = ("pending", "failed")
 
 
-def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
-    ref = _order_key(event, "id")
+def _apply_to_order(
+    event: StripeEvent,
+    intent_field: str,
+    allowed_from: Collection[str],
+    act: Callable[[OrderRecord], WebhookOutcome],
+    not_allowed: str = "duplicate",
+) -> WebhookOutcome:
+    """Apply `act` to a fresh read of the event's order while its status allows it.
+
+    Exactly once: `act` commits conditioned on what it read, and a retry, a redelivery or a concurrent
+    delivery re-reads the order and finds it no longer in `allowed_from`.
+    """
+    ref = _order_key(event, intent_field)
     if ref is None:
         return WebhookOutcome("ignored_no_order")
     user_id, order_id = ref
@@ -334,10 +345,18 @@ def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
     def attempt() -> WebhookOutcome:
         record = order_store.read_order(user_id, order_id)
         if record is None:
-            logger.warning("payment for an unknown order", extra={"order_id": order_id})
+            logger.warning("event for an unknown order", extra={"order_id": order_id})
             return WebhookOutcome("ignored_unknown_order", order_id)
-        if record.status not in _PAYABLE:
-            return WebhookOutcome("duplicate", order_id)
+        if record.status not in allowed_from:
+            return WebhookOutcome(not_allowed, order_id)
+        return act(record)
+
+    return optimistic(attempt)
+
+
+def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
+    def pay(record: OrderRecord) -> WebhookOutcome:
+        user_id, order_id = record.userId, record.orderId
         now = utc_now()
         problem = _mismatch(record, event)
         if problem is not None:
@@ -360,7 +379,7 @@ def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
         commit(build)
         return WebhookOutcome("paid", order_id, _granted_events(user_id, order_id, results))
 
-    return optimistic(attempt)
+    return _apply_to_order(event, "id", _PAYABLE, pay)
 
 
 def _set_or_remove(attribute: UTCDateTimeAttribute, value: datetime | None) -> Action:
@@ -391,27 +410,17 @@ def _status_change(new_status: str, allowed_from: tuple[str, ...]) -> Callable[[
     """payment_failed and canceled: a status change with no credit, applied once."""
 
     def on_event(event: StripeEvent) -> WebhookOutcome:
-        ref = _order_key(event, "id")
-        if ref is None:
-            return WebhookOutcome("ignored_no_order")
-        user_id, order_id = ref
-
-        def attempt() -> WebhookOutcome:
-            record = order_store.read_order(user_id, order_id)
-            if record is None:
-                return WebhookOutcome("ignored_unknown_order", order_id)
-            if record.status not in allowed_from:
-                return WebhookOutcome("duplicate", order_id)
+        def change(record: OrderRecord) -> WebhookOutcome:
             now = utc_now()
 
             def build(tx: TransactWrite) -> None:
                 order_store.stage_order_update(tx, record, [OrderRecord.status.set(new_status)])
-                _stage_event_record(tx, event, order_id, new_status, now)
+                _stage_event_record(tx, event, record.orderId, new_status, now)
 
             commit(build)
-            return WebhookOutcome(new_status, order_id)
+            return WebhookOutcome(new_status, record.orderId)
 
-        return optimistic(attempt)
+        return _apply_to_order(event, "id", allowed_from, change)
 
     return on_event
 
@@ -437,18 +446,12 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
     `amount_refunded` is cumulative, so a later, larger refund takes only the difference, and a
     duplicate or out-of-order (smaller) one takes nothing.
     """
-    ref = _order_key(event, "payment_intent")
     refunded = event.integer("amount_refunded")
-    if ref is None or refunded is None:
+    if refunded is None:
         return WebhookOutcome("ignored_no_order")
-    user_id, order_id = ref
 
-    def attempt() -> WebhookOutcome:
-        record = order_store.read_order(user_id, order_id)
-        if record is None:
-            return WebhookOutcome("ignored_unknown_order", order_id)
-        if record.status not in ("paid", "partially_refunded"):
-            return WebhookOutcome("ignored_not_paid", order_id)
+    def revoke(record: OrderRecord) -> WebhookOutcome:
+        user_id, order_id = record.userId, record.orderId
         amount = int(record.amount)
         refunded_now = min(refunded, amount)
         if refunded_now <= int(record.amountRefunded):
@@ -482,7 +485,7 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
         commit(build)
         return WebhookOutcome(status, order_id)
 
-    return optimistic(attempt)
+    return _apply_to_order(event, "payment_intent", PAID_STATUSES, revoke, not_allowed="ignored_not_paid")
 
 
 _HANDLERS: Final = {
