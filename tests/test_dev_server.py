@@ -1,6 +1,6 @@
 """`user-credits dev` as a newcomer runs it: a subprocess on a free port, driven over real HTTP.
 
-The walkthrough of docs/walkthrough.md runs end to end (offers -> order -> `user-credits pay` ->
+The README walkthrough runs end to end (offers -> order -> `user-credits pay` ->
 consume -> ledger, with a CreditsLow event in the server's log); a second start on the same data
 directory finds everything the first one wrote; bad requests get the handlers' own errors.
 """
