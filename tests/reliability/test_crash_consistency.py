@@ -9,10 +9,17 @@ tests/test_purchase_exactly_once.py, tests/test_consume_faults.py and tests/test
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import pytest
 import time_machine
@@ -219,3 +226,145 @@ def test_a_keyed_order_failing_at_any_dynamodb_call_then_resent_with_its_key_hap
                 break
             at += 1
     assert at > 2, at
+
+
+# ---------------------------------------------------------------- Stripe fails during order creation
+
+
+class SlowStripe:
+    """A proxy in front of the Stripe fake that forwards each request (so Stripe does create the
+    PaymentIntent) and holds back the answer of the first `slow` requests for `delay` seconds: the
+    SDK times out and the function never learns the PaymentIntent's id."""
+
+    def __init__(self, upstream: str, slow: int, delay: float) -> None:
+        self.upstream = urlsplit(upstream)
+        self.slow, self.delay, self.forwarded = slow, delay, 0
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> SlowStripe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                connection = http.client.HTTPConnection(proxy.upstream.hostname or "", proxy.upstream.port, timeout=10)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                connection.request("POST", self.path, body=body, headers=headers)
+                answer = connection.getresponse()
+                data = answer.read()
+                with proxy.lock:
+                    proxy.forwarded += 1
+                    hold = proxy.forwarded <= proxy.slow
+                if hold:
+                    time.sleep(proxy.delay)
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                with contextlib.suppress(OSError):  # the client gave up waiting
+                    self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        return Handler
+
+
+def stripe_sdk_timeout(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The SDK's HTTP timeout (80 s by default), made short so that a test can wait for it."""
+    import stripe._http_client as http_clients
+
+    from user_credits.payments import gateway
+
+    original = http_clients.RequestsClient.__init__
+
+    def short(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["timeout"] = seconds
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(http_clients.RequestsClient, "__init__", short)
+    monkeypatch.setattr(gateway, "_clients", {})  # clients built with the old timeout
+
+
+def assert_nothing_stored(shop: Shop, user: str, key: str) -> None:
+    from user_credits.logic.purchases import order_id_for
+
+    assert list_orders(user) == []
+    reply = shop.service.call("GET", f"/orders/{order_id_for(user, key)}", user=user)
+    assert reply.status == 404 and reply.error == "order_not_found", reply.body
+
+
+def assert_failed_with_error_shape(reply: Any) -> None:
+    assert (reply.status, reply.error) in ((502, "payment_provider_error"), (503, "service_unavailable")), reply
+    assert isinstance(reply.body.get("message"), str) and reply.body["message"], reply.body
+    assert "clientSecret" not in json.dumps(reply.body)
+
+
+def assert_retry_succeeds_with_one_intent(shop: Shop, user: str, offer_id: str, key: str, created_before: int) -> None:
+    retry = shop.order(user, offer_id, key=key)
+    assert retry.status == 201, retry.body
+    order = retry.body["order"]
+    assert shop.fake.created_count() == created_before + 1
+    intents = [i for i in shop.fake.intents.values() if i["metadata"].get("userId") == user]
+    assert [i["id"] for i in intents] == [order["paymentIntentId"]] == [o.payment_intent_id for o in list_orders(user)]
+    assert intents[0]["amount"] == order["amount"] and intents[0]["metadata"]["orderId"] == order["orderId"]
+    assert shop.order(user, offer_id, key=key).body == retry.body
+
+
+@pytest.mark.parametrize("status", [500, 503, 400])
+def test_a_stripe_error_is_a_5xx_that_stores_nothing_and_the_retry_with_its_key_creates_one_intent(
+    local_shop: Shop, ids: Any, status: int
+) -> None:
+    shop = local_shop
+    offer_id, _ = shop.offer()
+    user, key = ids("u"), ids("k")
+    created_before = shop.fake.created_count()
+    # Stripe says not to retry these (Stripe-Should-Retry: false), so the SDK makes this one call.
+    shop.fake.fail_next(status)
+    assert_failed_with_error_shape(shop.order(user, offer_id, key=key))
+    assert shop.fake.created_count() == created_before
+    assert_nothing_stored(shop, user, key)
+    assert_retry_succeeds_with_one_intent(shop, user, offer_id, key, created_before)
+
+
+def test_a_stripe_timeout_after_stripe_created_the_intent_stores_nothing_and_the_retry_gets_that_intent(
+    local_shop: Shop, ids: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop = local_shop
+    offer_id, _ = shop.offer()
+    user, key = ids("u"), ids("k")
+    created_before = shop.fake.created_count()
+    stripe_sdk_timeout(monkeypatch, 0.3)
+    # Every attempt the SDK makes (1 + 2 retries) reaches Stripe and times out waiting for the answer.
+    with SlowStripe(shop.fake.base_url, slow=3, delay=1.0) as slow:
+        shop.service.setenv("STRIPE_API_BASE", slow.base_url)
+        began = time.monotonic()
+        reply = shop.order(user, offer_id, key=key)
+        assert time.monotonic() - began < 15  # inside the function's Timeout
+        assert slow.forwarded == 3
+        assert_failed_with_error_shape(reply)
+        # Stripe did create it (once: the SDK's retries carried the same idempotency key).
+        assert shop.fake.created_count() == created_before + 1
+        assert_nothing_stored(shop, user, key)
+        # The client resends with its key; Stripe answers at once now.
+        assert_retry_succeeds_with_one_intent(shop, user, offer_id, key, created_before)
