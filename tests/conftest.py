@@ -21,7 +21,7 @@ from user_credits.config import load_settings
 from user_credits.events import publisher
 from user_credits.local import template as tpl
 from user_credits.local.dynamodb_local import DynamoDBLocal, free_port
-from user_credits.local.lambda_events import LambdaContext, http_api_event, route_matches, scheduled_event
+from user_credits.local.lambda_events import LambdaContext, http_api_event, scheduled_event
 from user_credits.store.models import bind_tables
 
 BASE_ENV = {
@@ -151,11 +151,10 @@ class Service:
         self.monkeypatch.setenv(key, value)
 
     def spec_for(self, method: str, path: str) -> tuple[tpl.FunctionSpec, str]:
-        for spec in self.specs:
-            for route_method, route_path, _auth in spec.routes:
-                if route_method == method.upper() and route_matches(route_path, path) is not None:
-                    return spec, route_path
-        raise LookupError(f"no function serves {method} {path}")
+        found = tpl.match_route(self.specs, method, path)
+        if found is None:
+            raise LookupError(f"no function serves {method} {path}")
+        return found[0], found[1]
 
     def call(
         self,

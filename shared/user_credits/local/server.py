@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from user_credits.local import template as tpl
-from user_credits.local.lambda_events import LambdaContext, http_api_event, route_matches, scheduled_event
+from user_credits.local.lambda_events import LambdaContext, http_api_event, scheduled_event
 
 log = logging.getLogger("user_credits.dev")
 
@@ -177,10 +177,8 @@ class FunctionHost:
         return sorted(table, key=lambda r: ("{" in r[1], r[1].count("{"), r[1], r[0]))
 
     def match(self, method: str, path: str) -> tuple[str, str, tpl.FunctionSpec] | None:
-        for route_method, route_path, auth, spec in self.routes():
-            if route_method in (method, "ANY") and route_matches(route_path, path) is not None:
-                return route_path, auth, spec
-        return None
+        found = tpl.match_route(self.specs, method, path)
+        return None if found is None else (found[1], found[2], found[0])
 
     def _handler(self, spec: tpl.FunctionSpec) -> Any:
         if spec.logical_id not in self._handlers:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from user_credits.local.lambda_events import route_matches
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE_PATH = REPO_ROOT / "template.yaml"
 
@@ -145,6 +147,21 @@ def functions(tables: Mapping[str, str]) -> list[FunctionSpec]:
             )
         )
     return specs
+
+
+def match_route(specs: list[FunctionSpec], method: str, path: str) -> tuple[FunctionSpec, str, str] | None:
+    """(function, route path, authorizer) serving METHOD PATH, or None.
+
+    Static routes are tried before templated ones, as API Gateway does.
+    """
+    table = sorted(
+        ((spec, m, p, a) for spec in specs for (m, p, a) in spec.routes),
+        key=lambda r: ("{" in r[2], r[2].count("{"), r[2], r[1]),
+    )
+    for spec, route_method, route_path, authorizer in table:
+        if route_method in (method.upper(), "ANY") and route_matches(route_path, path) is not None:
+            return spec, route_path, authorizer
+    return None
 
 
 def table_environment(tables: Mapping[str, str]) -> dict[str, str]:
