@@ -8,7 +8,9 @@ from typing import Any
 from user_credits.config import load_settings
 from user_credits.domain.balances import crossed_below
 from user_credits.domain.clock import to_iso, utc_now
+from user_credits.errors import CreditsExpired, InsufficientCredits
 from user_credits.events.publisher import publish
+from user_credits.observability import count
 from user_credits.store import consumption as store
 from user_credits.store.idempotency import request_hash, scoped_key
 
@@ -25,18 +27,24 @@ def consume_tokens(
 ) -> ConsumeResult:
     """Consume `tokens`; with an Idempotency-Key a repeat replays the first response instead."""
     now = utc_now()
-    if idempotency_key is None:
-        debit = store.debit(user_id, offer_group, tokens, max_overdraft, now)
-    else:
-        outcome = store.debit_once(
-            user_id, offer_group, tokens, max_overdraft, now, idempotency_key,
-            scoped_key(user_id, store.CONSUME_ROUTE, idempotency_key), request_hash(request_body),
-        )
+    try:
+        if idempotency_key is None:
+            debit = store.debit(user_id, offer_group, tokens, max_overdraft, now)
+        else:
+            outcome = store.debit_once(
+                user_id, offer_group, tokens, max_overdraft, now, idempotency_key,
+                scoped_key(user_id, store.CONSUME_ROUTE, idempotency_key), request_hash(request_body),
+            )
+    except (InsufficientCredits, CreditsExpired):
+        count("ConsumeRefusals")
+        raise
+    if idempotency_key is not None:
         if outcome.replay is not None:
             # A replay changed nothing, so it announces nothing: the first request did.
             return ConsumeResult(outcome.replay.status_code, outcome.replay.body)
         assert outcome.debit is not None
         debit = outcome.debit
+    count("Consumes")
     announce_low_balance(debit)
     return ConsumeResult(200, debit.receipt())
 

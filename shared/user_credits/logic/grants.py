@@ -23,6 +23,7 @@ from user_credits.domain.crediting import GroupSnapshot, expire_remainder
 from user_credits.domain.durations import later_expiry
 from user_credits.errors import CreditsExpired, InsufficientCredits, ValidationFailed
 from user_credits.events.publisher import publish
+from user_credits.observability import count
 from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
 from user_credits.store.idempotency import lookup, request_hash, scoped_key, stage_record
 from user_credits.store.transactions import commit, optimistic
@@ -97,6 +98,8 @@ def grant_credits(
         return GrantResult(201, body, fresh=True)
 
     result = optimistic(attempt)
+    if result.fresh:
+        count("Grants")
     if result.fresh and tokens > 0:
         publish("CreditsGranted", {**result.body, "tokens": tokens, "reason": "grant", "note": note})
     return result

@@ -36,6 +36,7 @@ from user_credits.domain.offers import Offer, is_visible
 from user_credits.domain.orders import PAID_STATUSES, Order, holdings_from_orders
 from user_credits.errors import (
     CurrencyNotSupported,
+    InvalidSignature,
     OfferInactive,
     OfferLocked,
     OfferNotFound,
@@ -285,7 +286,12 @@ class WebhookOutcome:
 def receive_stripe_webhook(payload: str, signature: str | None) -> WebhookOutcome:
     """Verify, then apply the event. Only transient faults escape (so Stripe retries); duplicates,
     unknown orders and event types we do not use are acknowledged."""
-    event = verify_event(payload, signature, secrets.webhook_secret)
+    try:
+        event = verify_event(payload, signature, secrets.webhook_secret)
+    except InvalidSignature:
+        # A 400 is never logged as a failure: this count is what shows a rotated secret or forgeries.
+        count("StripeEvent_invalid_signature")
+        raise
     handler = _HANDLERS.get(event.type)
     outcome = WebhookOutcome("ignored") if handler is None else handler(event)
     _publish_all(outcome.after_commit)
