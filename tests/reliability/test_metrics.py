@@ -1,0 +1,170 @@
+"""Observability (issue 8): grants, consumes, refusals, expiries and every webhook outcome each emit a
+Powertools metric, read from the CloudWatch EMF JSON that `metrics.log_metrics` prints to stdout.
+
+The metrics must not depend on EventBridge: they are counted with EventBridge down.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import time_machine
+from conftest import Backend, EventRecorder, Service
+
+from user_credits.domain.clock import to_iso
+from user_credits.local import template as tpl
+from user_credits.local.stripe_fake import charge_refunded_event, payment_intent_event
+
+if TYPE_CHECKING:
+    from stripe_fixtures import Shop
+
+pytest_plugins = ["stripe_fixtures"]
+
+pytestmark = pytest.mark.ddblocal
+
+T0 = datetime(2033, 1, 20, 8, 0, 0, tzinfo=UTC)
+
+
+class Emitted:
+    """The metrics flushed since the last read: name -> summed value, and the namespaces used."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def read(self) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        for line in self.capsys.readouterr().out.splitlines():
+            try:
+                blob = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(blob, dict) or "_aws" not in blob:
+                continue
+            for directive in blob["_aws"]["CloudWatchMetrics"]:
+                assert directive["Namespace"] == "UserCredits", directive
+                for metric in directive["Metrics"]:
+                    value = blob[metric["Name"]]
+                    totals[metric["Name"]] += int(sum(value) if isinstance(value, list) else value)
+        return totals
+
+
+@pytest.fixture
+def emitted(capsys: pytest.CaptureFixture[str], events: EventRecorder) -> Emitted:
+    events.fail = True  # EventBridge is down: the Event* counts cannot stand in for these metrics
+    return Emitted(capsys)
+
+
+def grant(service: Any, user: str, group: str, tokens: int, *, key: str | None = None,
+          expires_at: datetime | None = None) -> Any:
+    body: dict[str, Any] = {"offerGroup": group, "tokens": tokens}
+    if expires_at is not None:
+        body["expiresAt"] = to_iso(expires_at)
+    headers = {"Idempotency-Key": key} if key else None
+    return service.call("POST", f"/admin/users/{user}/grants", body, iam=True, headers=headers)
+
+
+def consume(service: Any, user: str, group: str, tokens: int, key: str | None = None) -> Any:
+    headers = {"Idempotency-Key": key} if key else None
+    return service.call("POST", f"/users/{user}/consume", {"offerGroup": group, "tokens": tokens}, iam=True,
+                        headers=headers)
+
+
+def test_a_grant_emits_a_grants_metric_and_its_replay_does_not(
+    local_service: Service, emitted: Emitted, ids: Any
+) -> None:
+    user, group = ids("u"), ids("g")
+    emitted.read()
+    assert grant(local_service, user, group, 10, key="g-1").status == 201
+    assert emitted.read()["Grants"] == 1
+    assert grant(local_service, user, group, 10, key="g-1").status == 201  # a replay: nothing granted
+    assert emitted.read()["Grants"] == 0
+    assert grant(local_service, user, group, 5).status == 201
+    assert emitted.read()["Grants"] == 1
+
+
+def test_a_consume_emits_consumes_and_a_refused_one_emits_consume_refusals(
+    local_service: Service, emitted: Emitted, ids: Any
+) -> None:
+    user, group = ids("u"), ids("g")
+    assert grant(local_service, user, group, 10).status == 201
+    emitted.read()
+    assert consume(local_service, user, group, 3).status == 200
+    assert consume(local_service, user, group, 3, key="c-1").status == 200
+    assert (got := emitted.read())["Consumes"] == 2 and got["ConsumeRefusals"] == 0, got
+    assert consume(local_service, user, group, 3, key="c-1").status == 200  # a replay consumes nothing
+    assert emitted.read()["Consumes"] == 0
+    assert consume(local_service, user, group, 50).error == "insufficient_credits"
+    assert consume(local_service, user, group, 50, key="c-2").error == "insufficient_credits"
+    assert (got := emitted.read())["ConsumeRefusals"] == 2 and got["Consumes"] == 0, got
+
+
+def test_a_consume_of_expired_credits_emits_consume_refusals(
+    local_service: Service, emitted: Emitted, ids: Any
+) -> None:
+    user, group = ids("u"), ids("g")
+    with time_machine.travel(T0, tick=True):
+        assert grant(local_service, user, group, 10, expires_at=T0 + timedelta(hours=1)).status == 201
+    emitted.read()
+    with time_machine.travel(T0 + timedelta(hours=2), tick=True):
+        assert consume(local_service, user, group, 1).error == "credits_expired"
+    assert (got := emitted.read())["ConsumeRefusals"] == 1 and got["Consumes"] == 0, got
+
+
+@pytest.fixture
+def sweep_service(
+    ddblocal_backend: Backend, monkeypatch: pytest.MonkeyPatch, events: EventRecorder
+) -> Iterator[Service]:
+    """Tables of its own: the sweep's stored position and its expiry index are table-wide."""
+    client = ddblocal_backend.client()
+    tables = tpl.create_tables(client, f"metrics-{uuid.uuid4().hex[:8]}")
+    yield Service(Backend("ddblocal", ddblocal_backend.endpoint, tables), monkeypatch, events)
+    for name in tables.values():
+        client.delete_table(TableName=name)
+
+
+def test_the_sweep_emits_groups_expired(sweep_service: Service, emitted: Emitted, ids: Any) -> None:
+    users, group = [ids("u") for _ in range(3)], ids("g")
+    with time_machine.travel(T0, tick=True):
+        for user in users:
+            assert grant(sweep_service, user, group, 10, expires_at=T0 + timedelta(hours=1)).status == 201
+    emitted.read()
+    with time_machine.travel(T0 + timedelta(hours=3), tick=True):
+        assert sweep_service.invoke_schedule()["expired"] == 3
+        assert emitted.read()["GroupsExpired"] == 3
+        assert sweep_service.invoke_schedule()["expired"] == 0
+        assert emitted.read()["GroupsExpired"] == 0
+
+
+def test_every_webhook_outcome_emits_a_metric(local_shop: Shop, emitted: Emitted, ids: Any) -> None:
+    shop = local_shop
+    offer_id, _ = shop.offer(tokens=100)
+    user = ids("u")
+    order = shop.placed(user, offer_id)
+    emitted.read()
+    intent = shop.intent(order)
+    deliveries = [
+        (payment_intent_event(intent, "payment_intent.payment_failed"), "StripeEvent_failed"),
+        (payment_intent_event(intent), "StripeEvent_paid"),
+        (payment_intent_event(intent), "StripeEvent_duplicate"),
+        (charge_refunded_event(intent, 250), "StripeEvent_partially_refunded"),
+        (payment_intent_event({**intent, "metadata": {}, "id": "pi_unknown"}), "StripeEvent_ignored_no_order"),
+        ({**payment_intent_event(intent), "type": "customer.created"}, "StripeEvent_ignored"),
+    ]
+    for event, metric in deliveries:
+        reply = shop.deliver(event)
+        assert reply.status == 200, reply.body
+        got = emitted.read()
+        assert got[metric] == 1, (metric, got)
+    inconsistent = shop.placed(user, offer_id)
+    emitted.read()
+    assert shop.pay(inconsistent, amount_received=1).status == 200
+    assert emitted.read()["StripeEvent_inconsistent"] == 1
+    # Refused deliveries are never logged as failures (4xx): the metric is what shows them.
+    assert shop.deliver(payment_intent_event(intent), secret="whsec_other").error == "invalid_signature"
+    assert emitted.read()["StripeEvent_invalid_signature"] == 1
