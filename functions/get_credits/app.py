@@ -1,6 +1,6 @@
 """GET /credits, /credits/ledger (user) and /users/{userId}/credits, /users/{userId}/ledger (service)."""
 
 from user_credits.api.app import lambda_entry
-from user_credits.api.balances import router, service_router
+from user_credits.api.credits import router, service_router
 
 handler = lambda_entry(router, service_router)

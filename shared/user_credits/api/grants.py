@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import Router
-from aws_lambda_powertools.event_handler.openapi.params import Path
 
-from user_credits.api.balances import require_json_object
 from user_credits.api.context import idempotency_key
+from user_credits.api.params import IdPath
 from user_credits.api.responses import json_response
-from user_credits.api.schemas import ID_PATTERN, GrantIn
+from user_credits.api.schemas import GrantIn
 from user_credits.logic import grants
 
 router = Router()
 
-UserIdPath = Annotated[str, Path(pattern=ID_PATTERN, min_length=1, max_length=128)]
-
-
 @router.post("/admin/users/<userId>/grants")
-def grant(userId: UserIdPath, request: GrantIn) -> Response[str]:
-    require_json_object(router)
+def grant(userId: IdPath, request: GrantIn) -> Response[str]:
     result = grants.grant_credits(
         userId, request.offerGroup, request.tokens, request.expiresAt, request.reason, idempotency_key(router),
         request.model_dump(mode="json"),

@@ -6,19 +6,18 @@ from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import Router
-from aws_lambda_powertools.event_handler.openapi.params import Path, Query
+from aws_lambda_powertools.event_handler.openapi.params import Query
 
 from user_credits.api.context import current_user
+from user_credits.api.params import IdPath
 from user_credits.api.responses import json_response
-from user_credits.api.schemas import ID_PATTERN, OfferIn
+from user_credits.api.schemas import OfferIn
 from user_credits.domain.offers import Offer
 from user_credits.errors import ValidationFailed
 from user_credits.logic import catalog
 
 router = Router()
 admin_router = Router()
-
-OfferIdPath = Annotated[str, Path(pattern=ID_PATTERN, min_length=1, max_length=128)]
 
 
 @router.get("/offers")
@@ -36,7 +35,7 @@ def list_all_offers() -> dict[str, Any]:
 
 
 @admin_router.put("/admin/offers/<offerId>")
-def put_offer(offerId: OfferIdPath, offer: OfferIn) -> Response[str]:
+def put_offer(offerId: IdPath, offer: OfferIn) -> Response[str]:
     if offer.offerId is not None and offer.offerId != offerId:
         raise ValidationFailed("offerId in the body differs from the path")
     domain_offer = Offer.from_json({**offer.model_dump(), "offerId": offerId})

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import Router
-from aws_lambda_powertools.event_handler.openapi.params import Path
 
 from user_credits.api.context import current_user, idempotency_key
+from user_credits.api.params import IdPath
 from user_credits.api.responses import json_response
-from user_credits.api.schemas import ID_PATTERN, OrderIn
+from user_credits.api.schemas import OrderIn
 from user_credits.logic import purchases
 
 router = Router()
-
-OrderIdPath = Annotated[str, Path(pattern=ID_PATTERN, min_length=1, max_length=128)]
 
 
 @router.post("/orders")
@@ -28,5 +26,5 @@ def create_order(order: OrderIn) -> Response[str]:
 
 
 @router.get("/orders/<orderId>")
-def get_order(orderId: OrderIdPath) -> dict[str, Any]:
+def get_order(orderId: IdPath) -> dict[str, Any]:
     return {"order": purchases.get_order(current_user(router), orderId).to_json()}
