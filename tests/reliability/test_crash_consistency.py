@@ -410,10 +410,6 @@ def function_timeout_seconds(logical_id: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: payments/gateway.py builds StripeClient with the SDK's default 80 s HTTP timeout and 2 retries, "
-    "so a hanging Stripe outlives the function's 15 s Timeout: Lambda kills it and API Gateway answers a bare "
-    "500 instead of our 502/503 error shape"))
 def test_a_stripe_that_never_answers_gets_the_error_shape_within_the_functions_timeout(
     local_shop: Shop, ids: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,11 @@ from user_credits.payments.secrets import api_key
 
 # Safe to retry: every create carries an idempotency key, so Stripe replays instead of charging twice.
 NETWORK_RETRIES = 2
+# The SDK's default read timeout is 80 s: a hung Stripe would outlive the function, and API Gateway would
+# answer a bare 500. 3 attempts x (2 + 6) s plus the SDK's backoff stay under CreateOrderFunction's 29 s
+# Timeout (template.yaml; API Gateway's own limit is 30 s), so the caller gets our 502 instead.
+CONNECT_TIMEOUT_SECONDS = 2.0
+READ_TIMEOUT_SECONDS = 6.0
 
 _clients: dict[tuple[str, str | None], stripe.StripeClient] = {}
 
@@ -30,7 +35,8 @@ def stripe_client() -> stripe.StripeClient:
     if cache_key not in _clients:
         base = settings.stripe_api_base
         _clients[cache_key] = stripe.StripeClient(
-            key, base_addresses={"api": base.rstrip("/")} if base else None, max_network_retries=NETWORK_RETRIES
+            key, base_addresses={"api": base.rstrip("/")} if base else None, max_network_retries=NETWORK_RETRIES,
+            http_client=stripe.RequestsClient(timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)),
         )
     return _clients[cache_key]
 
