@@ -143,13 +143,10 @@ class Service:
         self._tpl = tpl
 
     def spec_for(self, method: str, path: str) -> tuple[Any, str]:
-        from user_credits.local.lambda_events import route_matches
-
-        for spec in self.specs:
-            for route_method, route_path, _auth in spec.routes:
-                if route_method == method.upper() and route_matches(route_path, path) is not None:
-                    return spec, route_path
-        raise LookupError(f"no function serves {method} {path}")
+        found = self._tpl.match_route(self.specs, method, path)
+        if found is None:
+            raise LookupError(f"no function serves {method} {path}")
+        return found[0], found[1]
 
     def handler_for(self, method: str, path: str) -> tuple[Any, Any, str]:
         spec, route_path = self.spec_for(method, path)
