@@ -38,7 +38,7 @@ for _key, _value in BASE_ENV.items():
 # Hypothesis profiles: `ci` (bounded, part of `make test`) and `soak` (`make soak`).
 _QUIET = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=_QUIET)
-settings.register_profile("soak", max_examples=2000, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("soak", max_examples=150, deadline=None, suppress_health_check=_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # No test may reach AWS by accident: anything not pointed at a local endpoint fails to resolve.

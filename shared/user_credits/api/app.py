@@ -142,11 +142,12 @@ def _check_json_object(event: Mapping[str, Any]) -> None:
     """Every body we accept is one JSON object. Checked here, in one place, because Powertools would
     parse form and multipart bodies (and crash on some), and would read `[{...}]` as its first element."""
     raw = event.get("body")
+    method = str(((event.get("requestContext") or {}).get("http") or {}).get("method", "")).upper()
+    content_type = _content_type(event)
+    if (raw or method in ("POST", "PUT")) and content_type and not content_type.startswith("application/json"):
+        raise UnsupportedMediaType("send JSON with Content-Type: application/json")
     if not raw:
         return
-    content_type = _content_type(event)
-    if content_type and not content_type.startswith("application/json"):
-        raise UnsupportedMediaType("send JSON with Content-Type: application/json")
     try:
         text = base64.b64decode(raw).decode("utf-8") if event.get("isBase64Encoded") else str(raw)
         parsed = json.loads(text)
