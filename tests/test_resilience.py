@@ -44,3 +44,32 @@ def test_an_unexpected_failure_keeps_the_error_shape(
         reply = service.call("GET", "/admin/offers", iam=True)
     assert reply.status == 500
     assert reply.body == {"error": "internal_error", "message": "internal error"}
+
+
+def test_a_named_stage_in_the_path_keeps_service_routes_behind_iam(service: Any) -> None:
+    """With a named stage, API Gateway sends rawPath `/prod/admin/offers`: still a service route."""
+    from user_credits.local import template as tpl
+    from user_credits.local.lambda_events import LambdaContext, http_api_event
+
+    spec, route_path = service.spec_for("GET", "/admin/offers")
+    handler = tpl.load_handler(spec)
+    for iam, expected in ((False, 403), (True, 200)):
+        event = http_api_event("GET", "/admin/offers", route_path=route_path, user=None if iam else "a-user", iam=iam)
+        event["rawPath"] = "/prod/admin/offers"
+        event["requestContext"]["stage"] = "prod"
+        event["requestContext"]["http"]["path"] = "/prod/admin/offers"
+        result = handler(event, LambdaContext(function_name=spec.logical_id))
+        assert result["statusCode"] == expected, result
+
+
+def test_a_named_stage_in_the_path_serves_user_routes(service: Any) -> None:
+    from user_credits.local import template as tpl
+    from user_credits.local.lambda_events import LambdaContext, http_api_event
+
+    spec, route_path = service.spec_for("GET", "/credits")
+    event = http_api_event("GET", "/credits", route_path=route_path, user="stage-user")
+    event["rawPath"] = "/prod/credits"
+    event["requestContext"]["stage"] = "prod"
+    event["requestContext"]["http"]["path"] = "/prod/credits"
+    result = tpl.load_handler(spec)(event, LambdaContext(function_name=spec.logical_id))
+    assert result["statusCode"] == 200, result

@@ -133,6 +133,22 @@ def _body_size(event: Mapping[str, Any]) -> int:
     return len(body.encode("utf-8"))
 
 
+def route_path(event: Mapping[str, Any]) -> str:
+    """The route's path as template.yaml declares it, whatever the stage.
+
+    With a named stage, API Gateway puts it in rawPath (`/prod/admin/offers`); routeKey
+    (`GET /admin/offers`) never has it, and API Gateway sets it, so callers cannot choose it.
+    """
+    route_key = event.get("routeKey")
+    if isinstance(route_key, str) and " " in route_key:
+        return route_key.split(" ", 1)[1]
+    raw = str(event.get("rawPath") or "")
+    stage = str((event.get("requestContext") or {}).get("stage") or "")
+    if stage and stage != "$default" and raw.startswith(f"/{stage}/"):
+        return raw[len(stage) + 1:]
+    return raw
+
+
 def _content_type(event: Mapping[str, Any]) -> str:
     headers = event.get("headers") or {}
     return next((str(v) for k, v in headers.items() if k.lower() == "content-type"), "").strip().lower()
@@ -160,7 +176,7 @@ def _check_json_object(event: Mapping[str, Any]) -> None:
 def handle(app: APIGatewayHttpResolver, event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Size and caller checks come first: nothing is parsed for a caller who may not call."""
     try:
-        path = str(event.get("rawPath") or "")
+        path = route_path(event)
         user_id = check_caller(event, path)
         if _body_size(event) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
