@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pynamodb.exceptions import PynamoDBException
 
 from user_credits.api.auth import caller_kind, check_caller
+from user_credits.api.context import header
 from user_credits.config import load_settings
 from user_credits.errors import (
     CreditsError,
@@ -150,8 +151,7 @@ def route_path(event: Mapping[str, Any]) -> str:
 
 
 def _content_type(event: Mapping[str, Any]) -> str:
-    headers = event.get("headers") or {}
-    return next((str(v) for k, v in headers.items() if k.lower() == "content-type"), "").strip().lower()
+    return str(header(event.get("headers"), "content-type") or "").strip().lower()
 
 
 def _check_json_object(event: Mapping[str, Any]) -> None:

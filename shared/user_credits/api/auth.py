@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from user_credits.api.schemas import ID_PATTERN
+from user_credits.api.schemas import ID_RE
 from user_credits.errors import Forbidden, Unauthorized
 
 Caller = Literal["user", "service", "stripe"]
 
-_ID = re.compile(ID_PATTERN)
 SERVICE_PREFIXES = ("/admin/", "/users/")
 STRIPE_PATHS = ("/webhooks/stripe",)
 
@@ -49,7 +47,7 @@ def require_service(event: Mapping[str, Any]) -> None:
 
 
 def _id_ok(value: str) -> bool:
-    return bool(_ID.fullmatch(value))
+    return bool(ID_RE.fullmatch(value))
 
 
 def check_caller(event: Mapping[str, Any], path: str) -> str | None:

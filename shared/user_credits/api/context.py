@@ -1,15 +1,18 @@
-"""Request-scoped values the routers read: the caller and the Idempotency-Key header."""
+"""Request-scoped values the routers read: the caller and headers (the Idempotency-Key)."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
-from user_credits.api.schemas import ID_PATTERN
+from user_credits.api.schemas import ID_RE
 from user_credits.errors import Unauthorized, ValidationFailed
 
-_ID = re.compile(ID_PATTERN)
+
+def header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A header by its lower-case name: API Gateway lower-cases names, but hand-made events may not."""
+    return next((v for k, v in (headers or {}).items() if k.lower() == name), None)
 
 
 def current_user(router: Router) -> str:
@@ -21,11 +24,9 @@ def current_user(router: Router) -> str:
 
 def idempotency_key(router: Router) -> str | None:
     """The optional Idempotency-Key header, held to the id rules of SPEC 3."""
-    # API Gateway lower-cases header names, but hand-made events may not.
-    headers = router.current_event.headers or {}
-    value = next((v for k, v in headers.items() if k.lower() == "idempotency-key"), None)
+    value = header(router.current_event.headers, "idempotency-key")
     if value is None:
         return None
-    if not _ID.fullmatch(value):
+    if not ID_RE.fullmatch(value):
         raise ValidationFailed("Idempotency-Key must be 1..128 characters of A-Z a-z 0-9 _ - . : @")
     return value

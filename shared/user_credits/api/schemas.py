@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 ID_PATTERN: Final = r"^[A-Za-z0-9_\-.:@]{1,128}$"
+ID_RE: Final = re.compile(ID_PATTERN)
 MAX_INT: Final = 10**15
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN, min_length=1, max_length=128)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
+from user_credits.api.context import header
 from user_credits.api.responses import json_response
 from user_credits.logic import purchases
 
@@ -16,7 +17,6 @@ def stripe_webhook() -> Response[str]:
     event = router.current_event
     # The signature covers the exact bytes Stripe sent, so the body is read raw, never re-serialized.
     payload = event.decoded_body or ""
-    headers = event.headers or {}
-    signature = next((v for k, v in headers.items() if k.lower() == "stripe-signature"), None)
+    signature = header(event.headers, "stripe-signature")
     purchases.receive_stripe_webhook(payload, signature)
     return json_response(200, {"received": True})
