@@ -27,15 +27,15 @@ $(SAMVENV)/.installed:
 	touch $@
 
 .cache/dynamodb-local/DynamoDBLocal.jar: | $(VENV)/.installed
-	$(PY) -c 'from user_credits.local.dynamodb_local import ensure_jar; print(ensure_jar())'
+	$(PY) -c 'from user_credits_dev.dynamodb_local import ensure_jar; print(ensure_jar())'
 
 install: $(VENV)/.installed $(SAMVENV)/.installed .cache/dynamodb-local/DynamoDBLocal.jar
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check shared functions tests benchmarks
+	$(VENV)/bin/ruff check shared devtools functions tests benchmarks
 
 typecheck: $(VENV)/.installed
-	$(VENV)/bin/mypy shared
+	$(VENV)/bin/mypy shared devtools
 
 template-lint: $(VENV)/.installed $(SAMVENV)/.installed
 	$(VENV)/bin/cfn-lint template.yaml

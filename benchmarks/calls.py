@@ -191,7 +191,7 @@ def _ordered(b: Bench, name: str) -> dict[str, Any]:
 
 
 def _webhook(b: Bench, event: dict[str, Any], *, signature: str | None = None) -> Reply:
-    from user_credits.local.stripe_fake import signed_delivery
+    from user_credits_dev.stripe_fake import signed_delivery
 
     payload, header = signed_delivery(event, b.webhook_secret)
     return b.service.call("POST", "/webhooks/stripe", raw_body=payload.decode(),
@@ -199,7 +199,7 @@ def _webhook(b: Bench, event: dict[str, Any], *, signature: str | None = None) -
 
 
 def _succeeded(b: Bench, order_name: str, **overrides: Any) -> dict[str, Any]:
-    from user_credits.local.stripe_fake import payment_intent_event
+    from user_credits_dev.stripe_fake import payment_intent_event
 
     order = _ordered(b, order_name)
     intent = b.stripe.intent(order["paymentIntentId"])
@@ -211,7 +211,7 @@ def _succeeded(b: Bench, order_name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def _refund_event(b: Bench) -> dict[str, Any]:
-    from user_credits.local.stripe_fake import charge_refunded_event
+    from user_credits_dev.stripe_fake import charge_refunded_event
 
     order = _ordered(b, "paid-order")
     intent = b.stripe.intent(order["paymentIntentId"])
@@ -439,7 +439,7 @@ def calibrate(engine: Engine) -> dict[str, Any]:
 def consume_breakdown(engine: Engine, service: Service, recorder: CallRecorder, requests: int) -> dict[str, Any]:
     """Where one uncontended consume's time goes: sequential requests in this process, each DynamoDB
     call timed, next to the same number of bare conditional UpdateItems on the same engine."""
-    from user_credits.local.lambda_events import LambdaContext
+    from user_credits_dev.lambda_events import LambdaContext
 
     user = new_id("breakdown")
     service.call("POST", f"/admin/users/{user}/grants", {"offerGroup": "bd", "tokens": 10**9}, iam=True)
@@ -486,7 +486,7 @@ def consume_breakdown(engine: Engine, service: Service, recorder: CallRecorder, 
 def run(engine: Engine, *, breakdown_requests: int = 200) -> dict[str, Any]:
     import warnings
 
-    from user_credits.local import stripe_fake
+    from user_credits_dev import stripe_fake
 
     warnings.filterwarnings("ignore", message="No application metrics to publish")
     calibration = calibrate(engine)

@@ -48,7 +48,7 @@ print(json.dumps({{"seconds": elapsed, "cpu_seconds": cpu, "stripe": "stripe" in
 
 
 def _targets() -> list[dict[str, Any]]:
-    from user_credits.local import template as tpl
+    from user_credits_dev import template as tpl
 
     fake_tables = {logical: f"cold-{logical}" for logical in tpl.table_names("x")}
     targets: list[dict[str, Any]] = [
@@ -171,7 +171,7 @@ def _closure(roots: list[str]) -> dict[str, tuple[metadata.Distribution, str]]:
 
 
 def sizes() -> dict[str, Any]:
-    from user_credits.local import template as tpl
+    from user_credits_dev import template as tpl
 
     functions = []
     for spec in tpl.functions({}):

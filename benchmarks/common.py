@@ -85,8 +85,8 @@ class Engine:
 def start_engine() -> Engine:
     import boto3
 
-    from user_credits.local import template as tpl
-    from user_credits.local.dynamodb_local import DynamoDBLocal
+    from user_credits_dev import template as tpl
+    from user_credits_dev.dynamodb_local import DynamoDBLocal
 
     apply_base_env()
     local = DynamoDBLocal().start()
@@ -97,7 +97,7 @@ def start_engine() -> Engine:
 
 def function_environment(engine_endpoint: str, tables: dict[str, str]) -> dict[str, str]:
     """The union of the functions' environments from template.yaml, tables resolved, plus BASE_ENV."""
-    from user_credits.local import template as tpl
+    from user_credits_dev import template as tpl
 
     env: dict[str, str] = {}
     for spec in tpl.functions(tables):
@@ -133,7 +133,7 @@ class Service:
 
     def __init__(self, endpoint: str, tables: dict[str, str], *, keep_events: bool = True) -> None:
         from user_credits.events import publisher
-        from user_credits.local import template as tpl
+        from user_credits_dev import template as tpl
 
         os.environ.update(function_environment(endpoint, tables))
         self.events = EventSink(keep=keep_events)
@@ -164,7 +164,7 @@ class Service:
         query: dict[str, str] | None = None,
         raw_body: str | None = None,
     ) -> dict[str, Any]:
-        from user_credits.local.lambda_events import http_api_event
+        from user_credits_dev.lambda_events import http_api_event
 
         _spec, route_path = self.spec_for(method, path)
         payload = raw_body if raw_body is not None else (None if body is None else json.dumps(body))
@@ -173,7 +173,7 @@ class Service:
         )
 
     def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Reply:
-        from user_credits.local.lambda_events import LambdaContext
+        from user_credits_dev.lambda_events import LambdaContext
 
         handler, spec, _route = self.handler_for(method, path)
         result = handler(self.event(method, path, body, **kwargs), LambdaContext(function_name=spec.logical_id))

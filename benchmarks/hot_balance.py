@@ -55,8 +55,8 @@ class _Ours:
     def __init__(self, env: dict[str, str]) -> None:
         from benchmarks.common import EventSink
         from user_credits.events import publisher
-        from user_credits.local import template as tpl
-        from user_credits.local.lambda_events import LambdaContext, http_api_event
+        from user_credits_dev import template as tpl
+        from user_credits_dev.lambda_events import LambdaContext, http_api_event
 
         sink = EventSink(keep=False)
         publisher.client_factory = lambda: sink

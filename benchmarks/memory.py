@@ -47,8 +47,8 @@ def _worker(function: str, user: str, requests: int) -> dict[str, Any]:
 
     from benchmarks.common import EventSink, silence_stdout
     from user_credits.events import publisher
-    from user_credits.local import template as tpl
-    from user_credits.local.lambda_events import LambdaContext, http_api_event
+    from user_credits_dev import template as tpl
+    from user_credits_dev.lambda_events import LambdaContext, http_api_event
 
     warnings.filterwarnings("ignore", message="No application metrics to publish")
     sink = EventSink(keep=False)

@@ -163,7 +163,7 @@ def _header(settings: dict[str, Any], args: argparse.Namespace, started: datetim
         "figures are noisy; the side-by-side ratios matter more)",
         f"- Settings: {json.dumps(settings)}" + (" (--quick smoke run)" if args.quick else ""),
         "- Engine: DynamoDB Local (amplify-dynamodb-simulator's jar) on 127.0.0.1, in memory; Stripe: the local "
-        "fake (user_credits.local.stripe_fake).",
+        "fake (user_credits_dev.stripe_fake).",
     ])
 
 

@@ -119,7 +119,7 @@ def seed(users: int, due: int, start: datetime) -> list[str]:
 
 
 def run_sweep(handler: Any, meter: ReadMeter) -> SweepRun:
-    from user_credits.local.lambda_events import LambdaContext, scheduled_event
+    from user_credits_dev.lambda_events import LambdaContext, scheduled_event
 
     meter.reset()
     watch = Stopwatch()
@@ -139,8 +139,8 @@ def measure_size(client: Any, endpoint: str, users: int, meter: ReadMeter) -> Si
 
     from user_credits.config import load_settings
     from user_credits.events import publisher
-    from user_credits.local import template as tpl
     from user_credits.store import models
+    from user_credits_dev import template as tpl
 
     tables = tpl.create_tables(client, f"sweep-{users}-{uuid.uuid4().hex[:6]}")
     os.environ.update(function_environment(endpoint, tables))
@@ -197,7 +197,7 @@ def table(results: list[SizeResult]) -> str:
 def main() -> None:
     import boto3
 
-    from user_credits.local.dynamodb_local import DynamoDBLocal
+    from user_credits_dev.dynamodb_local import DynamoDBLocal
 
     apply_base_env()
     meter = ReadMeter()

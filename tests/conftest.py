@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, settings
 
 from user_credits.config import load_settings
 from user_credits.events import publisher
-from user_credits.local import template as tpl
-from user_credits.local.dynamodb_local import DynamoDBLocal, free_port
-from user_credits.local.lambda_events import LambdaContext, http_api_event, scheduled_event
 from user_credits.store.models import bind_tables
+from user_credits_dev import template as tpl
+from user_credits_dev.dynamodb_local import DynamoDBLocal, free_port
+from user_credits_dev.lambda_events import LambdaContext, http_api_event, scheduled_event
 
 BASE_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",

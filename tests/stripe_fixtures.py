@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from user_credits.local import template as tpl
-from user_credits.local.lambda_events import LambdaContext, http_api_event
-from user_credits.local.stripe_fake import FakeStripe, charge_refunded_event, payment_intent_event, signed_delivery
 from user_credits.store.balances import GroupState, read_group
 from user_credits.store.models import LedgerRecord, OrderRecord, order_sk
+from user_credits_dev import template as tpl
+from user_credits_dev.lambda_events import LambdaContext, http_api_event
+from user_credits_dev.stripe_fake import FakeStripe, charge_refunded_event, payment_intent_event, signed_delivery
 
 API_KEY = "sk_test_local_fake"
 WEBHOOK_SECRET = "whsec_local_fake_secret"

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from user_credits.local.catalog_loader import CatalogFileError, load_catalog_file, read_catalog
-from user_credits.local.template import REPO_ROOT
+from user_credits_dev.catalog_loader import CatalogFileError, load_catalog_file, read_catalog
+from user_credits_dev.template import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "catalog" / "example.yaml"
 
@@ -101,7 +101,7 @@ def test_file_problems_are_reported_before_anything_is_written(tmp_path: Path, c
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     scrub = ("OFFERS_TABLE", "ACCOUNTS_TABLE", "LEDGER_TABLE", "IDEMPOTENCY_TABLE", "AWS_ENDPOINT_URL_DYNAMODB")
     env = {k: v for k, v in os.environ.items() if k not in scrub}
-    return subprocess.run([sys.executable, "-m", "user_credits.local.cli", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "user_credits_dev.cli", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=60, check=False)
 
 

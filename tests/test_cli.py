@@ -146,8 +146,8 @@ def test_against_a_stack_the_cli_finds_the_tables_in_its_outputs(tmp_path: Path)
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from user_credits.local import template as tpl
-    from user_credits.local.dynamodb_local import free_port
+    from user_credits_dev import template as tpl
+    from user_credits_dev.dynamodb_local import free_port
 
     port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -172,7 +172,7 @@ def test_against_a_stack_the_cli_finds_the_tables_in_its_outputs(tmp_path: Path)
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                [sys.executable, "-m", "user_credits.local.cli", *args, "--stack", "credits-test",
+                [sys.executable, "-m", "user_credits_dev.cli", *args, "--stack", "credits-test",
                  "--region", "us-east-1", "--data-dir", str(tmp_path)],
                 env=env, capture_output=True, text=True, timeout=60, check=False,
             )

@@ -18,8 +18,8 @@ START_BALANCE = 60
 def consume_worker(env: dict[str, str], user: str, group: str, keys: str | None, worker: int) -> list[tuple[int, str]]:
     """Runs in its own process, like a separate Lambda instance: env, handler from the template, calls."""
     os.environ.update(env)
-    from user_credits.local import template as tpl
-    from user_credits.local.lambda_events import LambdaContext, http_api_event
+    from user_credits_dev import template as tpl
+    from user_credits_dev.lambda_events import LambdaContext, http_api_event
 
     spec = next(s for s in tpl.functions({}) if s.logical_id == "ConsumeFunction")
     handler = tpl.load_handler(spec)

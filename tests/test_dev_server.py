@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import requests
 
-from user_credits.local.dynamodb_local import free_port
-from user_credits.local.server import unsigned_token
-from user_credits.local.template import REPO_ROOT
+from user_credits_dev.dynamodb_local import free_port
+from user_credits_dev.server import unsigned_token
+from user_credits_dev.template import REPO_ROOT
 
 pytestmark = pytest.mark.ddblocal
 
@@ -56,7 +56,7 @@ class DevServer:
         started = time.monotonic()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "user_credits.local.cli", "dev", "--port", str(self.port),
+            [sys.executable, "-m", "user_credits_dev.cli", "dev", "--port", str(self.port),
              "--data-dir", str(self.data_dir), *self.extra],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
             env=_env(LOW_BALANCE_THRESHOLDS='{"ai-tokens": 100}', PATH=self.path),
@@ -97,7 +97,7 @@ class DevServer:
 
     def cli_plain(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "user_credits.local.cli", *args],
+            [sys.executable, "-m", "user_credits_dev.cli", *args],
             cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60, check=False,
         )
 

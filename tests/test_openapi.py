@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from user_credits.local import openapi
-from user_credits.local import template as tpl
+from user_credits_dev import openapi
+from user_credits_dev import template as tpl
 
 
 def test_openapi_json_in_the_repo_matches_the_routers() -> None:

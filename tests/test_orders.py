@@ -187,7 +187,7 @@ def test_only_the_order_and_webhook_functions_import_stripe() -> None:
     import subprocess
     import sys
 
-    from user_credits.local import template as tpl
+    from user_credits_dev import template as tpl
 
     for spec in tpl.functions({}):
         code = (

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pynamodb.connection.base
 import pytest
 
-from user_credits.local.stripe_fake import payment_intent_event, signed_delivery
+from user_credits_dev.stripe_fake import payment_intent_event, signed_delivery
 
 if TYPE_CHECKING:
     from stripe_fixtures import Shop
@@ -161,7 +161,7 @@ def test_a_webhook_killed_between_any_two_dynamodb_calls_then_redelivered_credit
 def test_a_refund_killed_between_any_two_dynamodb_calls_then_redelivered_revokes_once(
     local_shop: Shop, ids: Any, monkeypatch: pytest.MonkeyPatch, phase: str
 ) -> None:
-    from user_credits.local.stripe_fake import charge_refunded_event
+    from user_credits_dev.stripe_fake import charge_refunded_event
 
     shop = local_shop
     offer_id, groups = bundle(shop)

@@ -48,8 +48,8 @@ def test_an_unexpected_failure_keeps_the_error_shape(
 
 def test_a_named_stage_in_the_path_keeps_service_routes_behind_iam(service: Any) -> None:
     """With a named stage, API Gateway sends rawPath `/prod/admin/offers`: still a service route."""
-    from user_credits.local import template as tpl
-    from user_credits.local.lambda_events import LambdaContext, http_api_event
+    from user_credits_dev import template as tpl
+    from user_credits_dev.lambda_events import LambdaContext, http_api_event
 
     spec, route_path = service.spec_for("GET", "/admin/offers")
     handler = tpl.load_handler(spec)
@@ -63,8 +63,8 @@ def test_a_named_stage_in_the_path_keeps_service_routes_behind_iam(service: Any)
 
 
 def test_a_named_stage_in_the_path_serves_user_routes(service: Any) -> None:
-    from user_credits.local import template as tpl
-    from user_credits.local.lambda_events import LambdaContext, http_api_event
+    from user_credits_dev import template as tpl
+    from user_credits_dev.lambda_events import LambdaContext, http_api_event
 
     spec, route_path = service.spec_for("GET", "/credits")
     event = http_api_event("GET", "/credits", route_path=route_path, user="stage-user")

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from user_credits.local import template as tpl
-from user_credits.local.lambda_events import LambdaContext, route_matches
+from user_credits_dev import template as tpl
+from user_credits_dev.lambda_events import LambdaContext, route_matches
 
 EVENTS = sorted((Path(__file__).resolve().parents[1] / "events").glob("*.json"))
 

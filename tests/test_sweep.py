@@ -25,8 +25,6 @@ from conftest import Backend, EventRecorder, Service
 
 from user_credits.domain.clock import to_iso
 from user_credits.domain.ledger import LedgerEntry
-from user_credits.local import template as tpl
-from user_credits.local.lambda_events import LambdaContext, scheduled_event
 from user_credits.logic import expiry as expiry_logic
 from user_credits.logic.invariants import check_user
 from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
@@ -41,6 +39,8 @@ from user_credits.store.models import (
     group_sk,
 )
 from user_credits.store.transactions import commit
+from user_credits_dev import template as tpl
+from user_credits_dev.lambda_events import LambdaContext, scheduled_event
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2031, 3, 10, 12, 0, 0, tzinfo=UTC)

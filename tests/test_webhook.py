@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from user_credits.domain.durations import add_months
-from user_credits.local.stripe_fake import charge_refunded_event, payment_intent_event, sign, signed_delivery
+from user_credits_dev.stripe_fake import charge_refunded_event, payment_intent_event, sign, signed_delivery
 
 if TYPE_CHECKING:
     from stripe_fixtures import Shop

@@ -29,11 +29,11 @@ from conftest import Backend, EventRecorder, Service
 from crash_faults import KINDS, PHASES, Died, Fault, dynamodb_faults
 
 from user_credits.domain.clock import to_iso
-from user_credits.local import template as tpl
 from user_credits.logic.invariants import check_user
 from user_credits.store.balances import read_group
 from user_credits.store.models import LedgerRecord
 from user_credits.store.orders import list_orders
+from user_credits_dev import template as tpl
 
 if TYPE_CHECKING:
     from stripe_fixtures import Shop

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from user_credits.local import template as tpl
+from user_credits_dev import template as tpl
 
 ROUTES = sorted({(m, p) for spec in tpl.functions({}) for m, p, _ in spec.routes if p != "/webhooks/stripe"})
 

@@ -18,8 +18,8 @@ import time_machine
 from conftest import Backend, EventRecorder, Service
 
 from user_credits.domain.clock import to_iso
-from user_credits.local import template as tpl
-from user_credits.local.stripe_fake import charge_refunded_event, payment_intent_event
+from user_credits_dev import template as tpl
+from user_credits_dev.stripe_fake import charge_refunded_event, payment_intent_event
 
 if TYPE_CHECKING:
     from stripe_fixtures import Shop

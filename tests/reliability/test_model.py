@@ -21,8 +21,8 @@ from hypothesis import Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from user_credits.local.stripe_fake import payment_intent_event
 from user_credits.logic.invariants import check_user
+from user_credits_dev.stripe_fake import payment_intent_event
 
 pytest_plugins = ["stripe_fixtures"]
 

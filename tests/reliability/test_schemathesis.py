@@ -15,7 +15,7 @@ import pytest
 import schemathesis
 from hypothesis import settings
 
-from user_credits.local import template as tpl
+from user_credits_dev import template as tpl
 
 pytestmark = pytest.mark.ddblocal
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import time_machine
 
-from user_credits.local import template as tpl
-from user_credits.local.stripe_fake import payment_intent_event, signed_delivery
 from user_credits.store.models import LedgerRecord
 from user_credits.store.orders import list_orders
+from user_credits_dev import template as tpl
+from user_credits_dev.stripe_fake import payment_intent_event, signed_delivery
 
 if TYPE_CHECKING:
     from stripe_fixtures import Shop

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from user_credits.local.template import REPO_ROOT
+from user_credits_dev.template import REPO_ROOT
 
 PACKAGE = "amplify-dynamodb-simulator"
 PACKAGE_VERSION = "2.9.30"

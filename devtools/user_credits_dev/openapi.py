@@ -16,7 +16,7 @@ from aws_lambda_powertools.event_handler.openapi.models import APIKey, APIKeyIn,
 from aws_lambda_powertools.event_handler.openapi.swagger_ui.html import generate_swagger_html
 
 from user_credits.api.auth import caller_kind
-from user_credits.local.template import REPO_ROOT
+from user_credits_dev.template import REPO_ROOT
 
 OPENAPI_PATH = REPO_ROOT / "openapi.json"
 REGENERATE = ".venv/bin/user-credits openapi --write"

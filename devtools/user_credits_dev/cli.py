@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from user_credits.local import server, stripe_fake
-from user_credits.local import template as tpl
-from user_credits.local.lambda_events import http_api_event, scheduled_event
+from user_credits_dev import server, stripe_fake
+from user_credits_dev import template as tpl
+from user_credits_dev.lambda_events import http_api_event, scheduled_event
 
 
 class CliError(Exception):
@@ -150,7 +150,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    from user_credits.local import openapi
+    from user_credits_dev import openapi
 
     text = openapi.openapi_text()
     if args.check:
@@ -167,7 +167,7 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 
 def cmd_load_catalog(args: argparse.Namespace) -> int:
-    from user_credits.local.catalog_loader import CatalogFileError, load_catalog_file
+    from user_credits_dev.catalog_loader import CatalogFileError, load_catalog_file
 
     prepare(resolve_target(args))
     try:

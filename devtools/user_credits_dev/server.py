@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from user_credits.local import template as tpl
-from user_credits.local.lambda_events import LambdaContext, http_api_event, scheduled_event
+from user_credits_dev import template as tpl
+from user_credits_dev.lambda_events import LambdaContext, http_api_event, scheduled_event
 
 log = logging.getLogger("user_credits.dev")
 
@@ -268,7 +268,7 @@ class LocalApi:
 
     def docs(self) -> tuple[str, str]:
         if self._docs is None:
-            from user_credits.local.openapi import openapi_document, swagger_html
+            from user_credits_dev.openapi import openapi_document, swagger_html
 
             with self.host._lock:  # building the document re-points routers for a moment
                 spec = json.dumps(openapi_document())
@@ -474,7 +474,7 @@ def configure_stripe(data_dir: Path) -> StripeSetup:
         return StripeSetup("test", env)
     secret = local_webhook_secret(data_dir)
     env = {"STRIPE_API_KEY": LOCAL_STRIPE_KEY, "STRIPE_WEBHOOK_SECRET": secret}
-    from user_credits.local.stripe_fake import FakeStripe
+    from user_credits_dev.stripe_fake import FakeStripe
 
     fake = FakeStripe(api_key=LOCAL_STRIPE_KEY).start()
     env["STRIPE_API_BASE"] = fake.base_url
@@ -494,7 +494,7 @@ class DynamoEngine:
         self.endpoint = ""
 
     def start(self) -> DynamoEngine:
-        from user_credits.local.dynamodb_local import DynamoDBLocal, free_port
+        from user_credits_dev.dynamodb_local import DynamoDBLocal, free_port
 
         want_local = self.kind == "dynamodb-local" or (self.kind == "auto" and shutil.which("java"))
         if want_local:
@@ -630,8 +630,8 @@ def _overridable(tables: Mapping[str, str]) -> set[str]:
 def _load_catalog_once(path: Path) -> None:
     """The example catalog goes in when the offers table is empty (a restart keeps admin edits)."""
     from user_credits.config import load_settings
-    from user_credits.local.catalog_loader import load_catalog_file
     from user_credits.store.models import OfferRecord, bind_tables
+    from user_credits_dev.catalog_loader import load_catalog_file
 
     bind_tables(load_settings())
     if next(iter(OfferRecord.scan(limit=1)), None) is not None:

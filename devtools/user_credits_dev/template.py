@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from user_credits.local.lambda_events import route_matches
+from user_credits_dev.lambda_events import route_matches
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = REPO_ROOT / "template.yaml"
 
 _TABLE_ENV = {
