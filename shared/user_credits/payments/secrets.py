@@ -1,13 +1,15 @@
 """The Stripe API key and webhook secret: from the environment when set, else from Secrets Manager.
 
-SPEC 5: the secret named by STRIPE_SECRET_NAME (JSON `{"apiKey", "webhookSecret"}`) is read once per
-cold start, so a warm function makes no Secrets Manager call per request. A rotated secret is picked
-up by new execution environments.
+SPEC 6: the secret named by STRIPE_SECRET_NAME (JSON `{"apiKey", "webhookSecret"}`) is read once and
+kept for `MAX_AGE_SECONDS`, so a warm function makes no Secrets Manager call per request, yet one that
+started before the operator filled in the secret (or rotated it) does not keep the old value for its
+whole life.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +23,20 @@ class StripeKeys:
     webhook_secret: str
 
 
-_secret_cache: dict[str, dict[str, Any]] = {}
+MAX_AGE_SECONDS = 300
+_secret_cache: dict[str, tuple[float, dict[str, Any]]] = {}
 
 
 def _read_secret(name: str) -> dict[str, Any]:
-    if name not in _secret_cache:
+    cached = _secret_cache.get(name)
+    if cached is None or time.monotonic() - cached[0] > MAX_AGE_SECONDS:
         # Imported here: only a cold start that lacks the env vars pays for the Powertools parameters module.
         from aws_lambda_powertools.utilities import parameters
 
         try:
             raw = parameters.get_secret(name)
         except parameters.exceptions.GetParameterError as exc:
+            # The detail (secret name, endpoint) goes to the log only: a 5xx body names nothing internal.
             raise ConfigurationError(f"cannot read the Stripe secret {name!r}: {exc}") from exc
         try:
             parsed = json.loads(raw if isinstance(raw, str) else bytes(raw).decode())
@@ -39,8 +44,8 @@ def _read_secret(name: str) -> dict[str, Any]:
             raise ConfigurationError(f"the Stripe secret {name!r} is not JSON") from exc
         if not isinstance(parsed, dict):
             raise ConfigurationError(f'the Stripe secret {name!r} must be {{"apiKey", "webhookSecret"}}')
-        _secret_cache[name] = parsed
-    return _secret_cache[name]
+        _secret_cache[name] = (time.monotonic(), parsed)
+    return _secret_cache[name][1]
 
 
 def _from_secret(settings: Settings, field: str) -> str:
