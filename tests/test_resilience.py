@@ -73,3 +73,23 @@ def test_a_named_stage_in_the_path_serves_user_routes(service: Any) -> None:
     event["requestContext"]["http"]["path"] = "/prod/credits"
     result = tpl.load_handler(spec)(event, LambdaContext(function_name=spec.logical_id))
     assert result["statusCode"] == 200, result
+
+
+def test_a_server_error_body_names_nothing_internal(service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 3: a missing table variable or an unreadable Stripe secret is a 5xx whose body names neither."""
+    import os
+
+    table = os.environ["ACCOUNTS_TABLE"]
+    monkeypatch.delenv("ACCOUNTS_TABLE")
+    early = service.call("GET", "/admin/offers", iam=True)
+    monkeypatch.setenv("ACCOUNTS_TABLE", table)
+    assert early.status == 500
+    assert early.body == {"error": "configuration_error", "message": "internal error"}
+
+
+def test_a_failed_stripe_call_is_502_without_stripes_words() -> None:
+    from user_credits.errors import PaymentProviderError
+
+    body = PaymentProviderError("Stripe refused or failed the payment: card_declined for sk_test_...").body()
+    assert body == {"error": "payment_provider_error",
+                    "message": "the payment provider failed; nothing was stored, retry later"}

@@ -12,14 +12,20 @@ from typing import Any, ClassVar
 class CreditsError(Exception):
     http_status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    # SPEC 3: a 5xx body never carries internal detail (secret names, endpoints). A server error answers
+    # this fixed text instead of the message it was raised with, which only the log sees.
+    plain_message: ClassVar[str] = "internal error"
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra
 
+    def public_message(self) -> str:
+        return self.message if self.http_status < 500 else self.plain_message
+
     def body(self) -> dict[str, Any]:
-        return {"error": self.code, "message": self.message, **self.extra}
+        return {"error": self.code, "message": self.public_message(), **self.extra}
 
 
 class ValidationFailed(CreditsError):
@@ -113,12 +119,17 @@ class ServiceBusy(CreditsError):
     http_status = 503
     code = "service_unavailable"
 
+    def public_message(self) -> str:
+        # Always one of our own "retry shortly" texts: nothing internal to hide.
+        return self.message
+
 
 class PaymentProviderError(CreditsError):
     """Stripe failed or could not be reached; nothing was stored, the caller may retry."""
 
     http_status = 502
     code = "payment_provider_error"
+    plain_message = "the payment provider failed; nothing was stored, retry later"
 
 
 class ConfigurationError(CreditsError):

@@ -68,10 +68,9 @@ def build_app(*routers: Router) -> APIGatewayHttpResolver:
 
     @app.exception_handler(CreditsError)
     def _credits_error(error: CreditsError) -> Response[str]:
-        if error.http_status >= 500 and not isinstance(error, ServiceBusy):
-            # SPEC 3: the detail (secret names, endpoints) goes to the log, the caller gets a plain message.
+        if error.http_status >= 500:
+            # The detail stays here: the body says only `error.public_message()` (errors.CreditsError).
             logger.exception("request failed", extra={"code": error.code})
-            return error_response(_plain(error))
         return error_response(error)
 
     @app.exception_handler(RequestValidationError)
@@ -112,17 +111,6 @@ def build_app(*routers: Router) -> APIGatewayHttpResolver:
         return error_response(RouteNotFound("no such route"))
 
     return app
-
-
-class _Plain(CreditsError):
-    """A 5xx as the caller sees it: the same status and code, none of the detail."""
-
-
-def _plain(error: CreditsError) -> CreditsError:
-    plain = _Plain("a dependency failed, retry later" if error.http_status == 502 else "internal error")
-    plain.http_status = error.http_status  # type: ignore[misc]
-    plain.code = error.code  # type: ignore[misc]
-    return plain
 
 
 def _unreachable(error: BotoCoreError) -> Response[str]:
@@ -222,6 +210,8 @@ def lambda_entry(*routers: Router) -> Any:
 
 def _early_response(error: CreditsError) -> dict[str, Any]:
     """The same shape the resolver returns, for refusals made before routing."""
+    if error.http_status >= 500:
+        logger.error("request failed before routing", extra={"code": error.code, "detail": error.message})
     response = error_response(error)
     headers: dict[str, Any] = {"Content-Type": "application/json", **(response.headers or {})}
     return {"statusCode": response.status_code, "headers": headers, "body": response.body,

@@ -36,7 +36,6 @@ def _read_secret(name: str) -> dict[str, Any]:
         try:
             raw = parameters.get_secret(name)
         except parameters.exceptions.GetParameterError as exc:
-            # The detail (secret name, endpoint) goes to the log only: a 5xx body names nothing internal.
             raise ConfigurationError(f"cannot read the Stripe secret {name!r}: {exc}") from exc
         try:
             parsed = json.loads(raw if isinstance(raw, str) else bytes(raw).decode())
