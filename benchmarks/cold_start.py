@@ -182,7 +182,6 @@ def sizes() -> dict[str, Any]:
             "bytes": _tree_size(folder) if folder.exists() else 0,
         })
     package = REPO_ROOT / "shared" / "user_credits"
-    local_tools = package / "local"
     requirements = (REPO_ROOT / "shared" / "requirements.txt").read_text().splitlines()
     runtime = set(_closure(["boto3"]))
     deps = []
@@ -202,7 +201,6 @@ def sizes() -> dict[str, Any]:
     return {
         "functions": functions,
         "user_credits_bytes": _tree_size(package),
-        "user_credits_local_bytes": _tree_size(local_tools) if local_tools.exists() else 0,
         "dependencies": deps,
         "boto3_runtime_set": boto_set,
         "layer_bytes_without_runtime": _tree_size(package) + shipped,
@@ -324,8 +322,6 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", "Installed size (source files, `__pycache__` excluded):", ""]
     size_rows = [[f["function"], f["code_uri"], _size(f["bytes"])] for f in sz["functions"]]
     size_rows.append(["layer: user_credits", "shared/user_credits", kib(sz["user_credits_bytes"])])
-    size_rows.append(["  of which local/ (dev tools)", "shared/user_credits/local",
-                      kib(sz["user_credits_local_bytes"])])
     for dep in sz["dependencies"]:
         if not dep["in_lambda_runtime"]:
             size_rows.append([f"layer: {dep['distribution']} {dep['version']}", f"via {dep['pulled_in_by']}",
