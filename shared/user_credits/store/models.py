@@ -148,6 +148,8 @@ class LedgerRecord(Model):
     idempotencyKey = UnicodeAttribute(null=True)
     # Tokens a refund could not revoke because the balance would have gone below 0.
     shortfall = NumberAttribute(null=True)
+    # A grant's free-text reason.
+    note = UnicodeAttribute(null=True)
 
     byGroup = GroupIndex()
 
