@@ -43,6 +43,17 @@ def test_grant_creates_a_group_with_a_grant_entry(service: Any, ids: Any, events
     balanced(user)
 
 
+def test_the_grant_reason_is_the_ledger_entry_note(service: Any, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    grant(service, user, {"offerGroup": group, "tokens": 25, "reason": "welcome"})
+    grant(service, user, {"offerGroup": group, "tokens": -5})
+    reply = service.call("GET", f"/users/{user}/ledger", iam=True)
+    assert reply.status == 200, reply.body
+    newest, oldest = reply.body["items"]
+    assert (oldest["reason"], oldest["note"], oldest["seq"]) == ("grant", "welcome", 1)
+    assert newest["seq"] == 2 and "note" not in newest
+
+
 def test_grant_with_expiry_sets_it_on_a_new_group(service: Any, ids: Any) -> None:
     user, group = ids("u"), ids("g")
     expiry = iso(10)

@@ -42,6 +42,7 @@ def test_put_creates_then_updates_and_round_trips(service: Any, ids: Any) -> Non
     assert created.status == 201
     offer = created.body["offer"]
     assert offer["name"] == offer_id and offer["kind"] == "tokens" and offer["active"] is True
+    assert offer["priority"] == 50
     # An offer as returned can be PUT back unchanged.
     updated = service.call("PUT", f"/admin/offers/{offer_id}", offer, iam=True)
     assert updated.status == 200
@@ -58,6 +59,9 @@ def test_put_creates_then_updates_and_round_trips(service: Any, ids: Any) -> Non
         {"tokens": True},
         {"tokens": -1},
         {"tokens": 10**15 + 1},
+        {"priority": 101},
+        {"priority": -1},
+        {"priority": "1"},
         {"prices": {"usd": -1}},
         {"prices": {}},
         {"prices": {"USD": 100}},

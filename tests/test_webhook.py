@@ -261,12 +261,39 @@ def test_other_event_types_and_unknown_orders_are_acknowledged(shop: Shop, ids: 
     assert shop.deliver(no_order).status == 200
 
 
-def test_a_refund_of_an_unpaid_order_changes_nothing(shop: Shop, ids: Any) -> None:
-    offer_id, _ = shop.offer()
+def test_a_refund_before_its_payment_is_applied_when_the_payment_arrives(shop: Shop, ids: Any) -> None:
+    """Stripe does not deliver in order: the refund waits on the order, and the payment applies it."""
+    offer_id, group = shop.offer(tokens=1000, prices={"usd": 2000})
     user = ids("u")
     order = shop.placed(user, offer_id)
-    assert shop.refund(order, 1000, with_metadata=True).status == 200
+    assert shop.refund(order, 500, with_metadata=True).status == 200
     assert shop.status(user, order["orderId"]) == "pending" and shop.ledger(user) == []
+    # A redelivered or smaller earlier refund changes nothing; a larger one replaces it.
+    assert shop.refund(order, 250, with_metadata=True).status == 200
+    assert shop.refund(order, 500, with_metadata=True).status == 200
+    assert shop.refund(order, 1000, with_metadata=True).status == 200
+    assert shop.pay(order).status == 200
+    assert shop.group(user, group).balance == 500
+    record = shop.order_record(user, order["orderId"])
+    assert record.status == "partially_refunded" and int(record.amountRefunded) == 1000
+    assert int(record.revokedTokens) == 500 and record.pendingRefund is None
+    assert [(int(e.delta), e.reason) for e in shop.ledger(user, group)] == [(1000, "purchase"), (-500, "refund")]
+    # The payment again, and the refund again, after the fact: nothing more.
+    assert shop.pay(order).status == 200
+    assert shop.refund(order, 1000).status == 200
+    assert shop.group(user, group).balance == 500
+    shop.assert_ledger_explains_balances(user, [group])
+
+
+def test_a_full_refund_before_its_payment_leaves_nothing(shop: Shop, ids: Any) -> None:
+    offer_id, group = shop.offer(tokens=1000, prices={"usd": 2000})
+    user = ids("u")
+    order = shop.placed(user, offer_id)
+    assert shop.refund(order, 2000, with_metadata=True).status == 200
+    assert shop.pay(order).status == 200
+    assert shop.group(user, group).balance == 0
+    assert shop.status(user, order["orderId"]) == "refunded"
+    shop.assert_ledger_explains_balances(user, [group])
 
 
 def test_a_base64_encoded_body_is_verified_on_its_decoded_bytes(shop: Shop, ids: Any) -> None:

@@ -50,6 +50,7 @@ class OfferIn(StrictModel):
     # A purchase commits in one transaction (at most 100 items, ~3 per group credited): 20 items fit.
     combinedItems: Annotated[list[CombinedItemIn], Field(max_length=20)] = []
     active: bool = True
+    priority: Annotated[int, Field(ge=0, le=100)] = 50
 
     @model_validator(mode="after")
     def _custom_cycle_needs_seconds(self) -> OfferIn:

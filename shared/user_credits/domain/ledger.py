@@ -23,6 +23,8 @@ class LedgerEntry:
     order_id: str | None = None
     idempotency_key: str | None = None
     shortfall: int | None = None
+    # SPEC 3 entry `note`: a grant's free-text `reason`.
+    note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -30,6 +32,7 @@ class LedgerEntry:
             "delta": self.delta,
             "balanceAfter": self.balance_after,
             "reason": self.reason,
+            "seq": self.seq,
             "at": to_iso(self.at),
         }
         if self.order_id is not None:
@@ -38,6 +41,8 @@ class LedgerEntry:
             body["idempotencyKey"] = self.idempotency_key
         if self.shortfall:
             body["shortfall"] = self.shortfall
+        if self.note is not None:
+            body["note"] = self.note
         return body
 
 

@@ -36,6 +36,8 @@ class Offer:
     popular: bool = False
     combined_items: tuple[CombinedItem, ...] = ()
     active: bool = True
+    # SPEC 1: lots of this offer are spent before lots of a higher number.
+    priority: int = 50
 
     @property
     def is_public(self) -> bool:
@@ -61,6 +63,7 @@ class Offer:
             "popular": self.popular,
             "combinedItems": [item.to_json() for item in self.combined_items],
             "active": self.active,
+            "priority": self.priority,
         }
 
     @classmethod
@@ -86,6 +89,7 @@ class Offer:
                 for i in data.get("combinedItems") or ()
             ),
             active=bool(data.get("active", True)),
+            priority=int(data.get("priority", 50)),
         )
 
 

@@ -40,6 +40,7 @@ class GrantResult:
 
 def plan_grant(
     before: GroupState, tokens: int, expires_at: datetime | None, key: str | None, now: datetime,
+    note: str | None = None,
 ) -> tuple[list[EntryDraft], datetime | None]:
     """The ledger drafts and the group's new expiry, or a refusal (pure: no I/O)."""
     if expires_at is not None and expires_at <= now:
@@ -52,7 +53,7 @@ def plan_grant(
             raise CreditsExpired("the credits of this group have expired", balance=before.balance)
         if before.balance + tokens < 0:
             raise InsufficientCredits("a corrective grant cannot take the balance below 0", balance=before.balance)
-        return [EntryDraft(tokens, "grant", idempotency_key=key)], before.expires_at
+        return [EntryDraft(tokens, "grant", idempotency_key=key, note=note)], before.expires_at
     # The same rule as a purchase: an expired group's remainder goes first, on its own ledger entry.
     snapshot = GroupSnapshot(before.offer_group, before.balance, before.expires_at, before.exists)
     remainder, _ = expire_remainder(snapshot, now)
@@ -63,7 +64,7 @@ def plan_grant(
         new_expiry = before.expires_at
     else:
         new_expiry = later_expiry(before.expires_at, expires_at)
-    drafts.append(EntryDraft(tokens, "grant", idempotency_key=key))
+    drafts.append(EntryDraft(tokens, "grant", idempotency_key=key, note=note))
     return drafts, new_expiry
 
 
@@ -71,7 +72,8 @@ def grant_credits(
     user_id: str, offer_group: str, tokens: int, expires_at: datetime | None, note: str | None, key: str | None,
     request_body: dict[str, Any],
 ) -> GrantResult:
-    """Grant (or correct) credits; the request's free-text `reason` travels in the CreditsGranted event."""
+    """Grant (or correct) credits; the request's free-text `reason` is the ledger entry's `note` and
+    travels in the CreditsGranted event."""
     record_key = None if key is None else scoped_key(user_id, GRANT_ROUTE, key)
     body_hash = request_hash(request_body)
 
@@ -84,7 +86,7 @@ def grant_credits(
                 return GrantResult(stored.status_code, stored.body, fresh=False)
         now = utc_now()
         before = read_group(user_id, offer_group)
-        drafts, new_expiry = plan_grant(before, tokens, expires_at, key, now)
+        drafts, new_expiry = plan_grant(before, tokens, expires_at, key, now, note)
         body: dict[str, Any] = {}
 
         def build(tx: Any) -> None:

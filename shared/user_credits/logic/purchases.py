@@ -241,10 +241,15 @@ class CreditPlan:
     def credits_json(self) -> list[dict[str, Any]]:
         return [{"offerGroup": credit.offer_group, "tokens": credit.tokens, "revoked": 0} for _, credit in self.groups]
 
-    def stage(self, tx: TransactWrite, order_id: str, now: datetime) -> list[CreditResult]:
+    def stage(
+        self, tx: TransactWrite, order_id: str, now: datetime,
+        more: Mapping[str, Sequence[Change]] | None = None,
+    ) -> list[CreditResult]:
+        """Stage each group's credit; `more` adds changes per group (a refund that came first)."""
         results = []
         for state, credit in self.groups:
-            after, _ = stage_group_change(tx, state, _drafts(credit.changes, order_id), credit.expires_at, now)
+            changes = [*credit.changes, *(more or {}).get(credit.offer_group, ())]
+            after, _ = stage_group_change(tx, state, _drafts(changes, order_id), credit.expires_at, now)
             results.append(CreditResult(credit.offer_group, credit.tokens, after.balance, after.expires_at))
         return results
 
@@ -370,22 +375,59 @@ def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
         order = order_store.to_order(record)
         plan = plan_credit(user_id, _order_lines(record), now)
         paid = plan.paid_order(order)
+        refund = _early_refund(record, plan, now)
         results: list[CreditResult] = []
 
         def build(tx: TransactWrite) -> None:
             order_store.stage_order_update(tx, record, [
-                OrderRecord.status.set("paid"),
+                OrderRecord.status.set(refund.status if refund else "paid"),
                 _set_or_remove(OrderRecord.startsAt, paid.starts_at),
                 _set_or_remove(OrderRecord.expiresAt, paid.expires_at),
-                OrderRecord.credits.set(plan.credits_json()),
+                OrderRecord.credits.set(refund.credits if refund else plan.credits_json()),
+                *(refund.order_actions() if refund else []),
             ])
-            results.extend(plan.stage(tx, order_id, now))
+            results.extend(plan.stage(tx, order_id, now, refund.changes if refund else None))
             _stage_event_record(tx, event, order_id, "paid", now)
 
         commit(build)
-        return WebhookOutcome("paid", order_id, _granted_events(user_id, order_id, results))
+        return WebhookOutcome(refund.status if refund else "paid", order_id,
+                              _granted_events(user_id, order_id, results))
 
     return _apply_to_order(event, "id", _PAYABLE, pay)
+
+
+@dataclass(frozen=True)
+class EarlyRefund:
+    """A refund remembered before its payment, applied in the payment's own transaction (SPEC 2.4)."""
+
+    refunded: int
+    status: str
+    accounted: int
+    credits: list[dict[str, Any]]
+    changes: dict[str, tuple[Change, ...]]
+
+    def order_actions(self) -> list[Action]:
+        return [OrderRecord.amountRefunded.set(self.refunded), OrderRecord.revokedTokens.set(self.accounted),
+                OrderRecord.pendingRefund.remove()]
+
+
+def _early_refund(record: OrderRecord, plan: CreditPlan, now: datetime) -> EarlyRefund | None:
+    """What the remembered refund takes from each group right after the credit, by the same rule as a
+    refund of a paid order (never below 0, the rest recorded as shortfall)."""
+    refunded = min(int(record.pendingRefund or 0), int(record.amount))
+    if refunded <= 0:
+        return None
+    credits = plan.credits_json()
+    changes: dict[str, tuple[Change, ...]] = {}
+    accounted = 0
+    for (state, credit), line in zip(plan.groups, credits, strict=True):
+        credited = GroupSnapshot(credit.offer_group, state.balance + sum(c.delta for c in credit.changes),
+                                 credit.expires_at, True)
+        revocation = revoke_from_group(credited, credit.tokens, 0, refunded, int(record.amount), now)
+        line["revoked"] = revocation.revoked + revocation.shortfall
+        accounted += revocation.revoked + revocation.shortfall
+        changes[credit.offer_group] = revocation.changes
+    return EarlyRefund(refunded, refund_status(refunded, int(record.amount)), accounted, credits, changes)
 
 
 def _set_or_remove(attribute: UTCDateTimeAttribute, value: datetime | None) -> Action:
@@ -460,6 +502,8 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
         user_id, order_id = record.userId, record.orderId
         amount = int(record.amount)
         refunded_now = min(refunded, amount)
+        if record.status in _PAYABLE:
+            return _remember_refund(record, event, refunded_now)
         if refunded_now <= int(record.amountRefunded):
             return WebhookOutcome("duplicate", order_id)
         now = utc_now()
@@ -491,7 +535,23 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
         commit(build)
         return WebhookOutcome(status, order_id)
 
-    return _apply_to_order(event, "payment_intent", PAID_STATUSES, revoke, not_allowed="ignored_not_paid")
+    return _apply_to_order(event, "payment_intent", (*PAID_STATUSES, *_PAYABLE), revoke,
+                           not_allowed="ignored_not_paid")
+
+
+def _remember_refund(record: OrderRecord, event: StripeEvent, refunded: int) -> WebhookOutcome:
+    """Stripe delivers out of order: a refund whose payment has not arrived yet is kept on the order
+    (the largest cumulative amount seen) and applied by the payment, so it is never lost."""
+    if refunded <= int(record.pendingRefund or 0):
+        return WebhookOutcome("duplicate", record.orderId)
+    now = utc_now()
+
+    def build(tx: TransactWrite) -> None:
+        order_store.stage_order_update(tx, record, [OrderRecord.pendingRefund.set(refunded)])
+        _stage_event_record(tx, event, record.orderId, "refund_remembered", now)
+
+    commit(build)
+    return WebhookOutcome("refund_remembered", record.orderId)
 
 
 _HANDLERS: Final = {

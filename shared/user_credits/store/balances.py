@@ -46,6 +46,7 @@ class EntryDraft:
     order_id: str | None = None
     idempotency_key: str | None = None
     shortfall: int | None = None
+    note: str | None = None
 
 
 def to_state(record: BalanceRecord) -> GroupState:
@@ -95,7 +96,7 @@ def stage_group_change(
             LedgerEntry(
                 user_id=before.user_id, offer_group=before.offer_group, delta=draft.delta, balance_after=balance,
                 reason=draft.reason, at=at, seq=seq, order_id=draft.order_id,
-                idempotency_key=draft.idempotency_key, shortfall=draft.shortfall,
+                idempotency_key=draft.idempotency_key, shortfall=draft.shortfall, note=draft.note,
             )
         )
     after = replace(before, balance=balance, seq=seq, expires_at=expires_at, exists=True)

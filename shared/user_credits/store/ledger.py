@@ -27,6 +27,7 @@ def ledger_record(entry: LedgerEntry) -> LedgerRecord:
         orderId=entry.order_id,
         idempotencyKey=entry.idempotency_key,
         shortfall=entry.shortfall,
+        note=entry.note,
     )
 
 
@@ -42,6 +43,7 @@ def to_entry(record: LedgerRecord) -> LedgerEntry:
         order_id=record.orderId,
         idempotency_key=record.idempotencyKey,
         shortfall=int(record.shortfall) if record.shortfall is not None else None,
+        note=record.note,
     )
 
 

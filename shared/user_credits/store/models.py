@@ -106,6 +106,8 @@ class OrderRecord(AccountItem, discriminator="order"):
     # Tokens already accounted for by refunds (revoked or recorded as shortfall).
     revokedTokens = NumberAttribute(default=0)
     amountRefunded = NumberAttribute(default=0)
+    # Stripe's cumulative amount_refunded of a refund that arrived before its payment: applied with it.
+    pendingRefund = NumberAttribute(null=True)
     # The offer as it was when ordered, so that a catalog change cannot alter what was bought.
     offerSnapshot = JSONAttribute(null=True)
 
@@ -148,6 +150,8 @@ class LedgerRecord(Model):
     idempotencyKey = UnicodeAttribute(null=True)
     # Tokens a refund could not revoke because the balance would have gone below 0.
     shortfall = NumberAttribute(null=True)
+    # A grant's free-text reason.
+    note = UnicodeAttribute(null=True)
 
     byGroup = GroupIndex()
 

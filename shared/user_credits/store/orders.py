@@ -83,4 +83,9 @@ def stage_order_update(tx: TransactWrite, record: OrderRecord, actions: list[Act
     status, so only one of them can commit; the others re-read and find nothing left to do.
     """
     condition = (OrderRecord.status == record.status) & (OrderRecord.amountRefunded == int(record.amountRefunded))
+    # A refund remembered before its payment must not slip in between a payment's read and its commit.
+    if record.pendingRefund is None:
+        condition = condition & OrderRecord.pendingRefund.does_not_exist()
+    else:
+        condition = condition & (OrderRecord.pendingRefund == int(record.pendingRefund))
     tx.update(record, actions=actions, condition=condition)
