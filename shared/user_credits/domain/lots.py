@@ -157,16 +157,7 @@ class Book:
         """Apply `consumed` tokens of consumes since this book was written: spending order, rest is debt."""
         if consumed <= 0:
             return self
-        left = consumed
-        updated: dict[str, Lot] = {}
-        for lot in sorted(self.lots, key=Lot.spending_key):
-            if left == 0:
-                break
-            take = min(lot.remaining, left)
-            if take:
-                updated[lot.lot_id] = replace(lot, remaining=lot.remaining - take)
-                left -= take
-        lots = tuple(updated.get(lot.lot_id, lot) for lot in self.lots)
+        lots, left = self._taken(sorted(self.lots, key=Lot.spending_key), consumed)
         return replace(self, lots=lots, debt=self.debt + left)
 
     def expire(self, now: datetime) -> tuple[Book, list[Movement]]:
@@ -196,19 +187,23 @@ class Book:
         """Take up to `tokens` from the live lots: the lots named in `first`, then the others in spending
         order. Never below 0 (a debt means every lot is already empty). Returns the book and what was taken.
         Call after `expire`: only live lots are in the book then."""
-        left = tokens
-        updated: dict[str, Lot] = {}
         preferred = [lot for lot_id in first for lot in self.lots if lot.lot_id == lot_id]
         others = sorted((lot for lot in self.lots if lot.lot_id not in first), key=Lot.spending_key)
-        for lot in preferred + others:
+        lots, left = self._taken(preferred + others, tokens)
+        return replace(self, lots=lots), tokens - left
+
+    def _taken(self, order: Sequence[Lot], tokens: int) -> tuple[tuple[Lot, ...], int]:
+        """The book's lots after taking `tokens` from them in `order`, and what no lot covered."""
+        left = tokens
+        updated: dict[str, Lot] = {}
+        for lot in order:
             if left == 0:
                 break
             take = min(lot.remaining, left)
             if take:
                 updated[lot.lot_id] = replace(lot, remaining=lot.remaining - take)
                 left -= take
-        lots = tuple(updated.get(lot.lot_id, lot) for lot in self.lots)
-        return replace(self, lots=lots), tokens - left
+        return tuple(updated.get(lot.lot_id, lot) for lot in self.lots), left
 
     def claim_warnings(self, now: datetime, window_end: datetime) -> Book:
         """Mark the lots with tokens that expire in (now, window_end] and were not warned yet; the
