@@ -8,7 +8,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from user_credits.domain.crediting import (
-    Change,
     CreditTerms,
     GroupSnapshot,
     credit_group,
@@ -18,6 +17,7 @@ from user_credits.domain.crediting import (
     refund_target,
     revoke_from_group,
 )
+from user_credits.domain.lots import Movement
 from user_credits.domain.offers import CombinedItem, Offer
 
 NOW = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
@@ -74,13 +74,13 @@ def test_once_makes_the_group_never_expire() -> None:
 
 def test_tokens_are_added_even_to_a_negative_balance() -> None:
     credit = credit_group(GroupSnapshot("g", -30, NOW + timedelta(days=3), exists=True), [line(tokens=100)], NOW)
-    assert credit.changes == (Change(100, "purchase"),)
+    assert credit.changes == (Movement(100, "purchase"),)
 
 
 def test_an_expired_group_has_its_remainder_expired_first() -> None:
     group = GroupSnapshot("g", 40, NOW - timedelta(seconds=1), exists=True)
     credit = credit_group(group, [line(tokens=100, append=True)], NOW)
-    assert credit.changes == (Change(-40, "expire"), Change(100, "purchase"))
+    assert credit.changes == (Movement(-40, "expire"), Movement(100, "purchase"))
     assert credit.periods[0].starts_at == NOW
     assert credit.expires_at == datetime(2026, 2, 28, 12, 0, tzinfo=UTC)
 
@@ -88,7 +88,7 @@ def test_an_expired_group_has_its_remainder_expired_first() -> None:
 def test_an_expired_group_at_or_below_zero_has_nothing_to_expire() -> None:
     group = GroupSnapshot("g", -5, NOW - timedelta(days=1), exists=True)
     credit = credit_group(group, [line(tokens=10)], NOW)
-    assert credit.changes == (Change(10, "purchase"),)
+    assert credit.changes == (Movement(10, "purchase"),)
 
 
 def test_custom_cycle_uses_custom_cycle_seconds_times_quantity() -> None:
@@ -118,7 +118,7 @@ def test_lines_for_the_same_group_apply_in_order_within_one_change() -> None:
 def test_a_quarter_refund_revokes_a_quarter() -> None:
     group = GroupSnapshot("g", 1000, NOW + timedelta(days=10), exists=True)
     revocation = revoke_from_group(group, 1000, 0, 250, 1000, NOW)
-    assert revocation.changes == (Change(-250, "refund"),) and revocation.shortfall == 0
+    assert revocation.changes == (Movement(-250, "refund"),) and revocation.shortfall == 0
 
 
 def test_refund_revokes_the_floor_minus_what_was_already_revoked() -> None:
@@ -131,16 +131,16 @@ def test_refund_revokes_the_floor_minus_what_was_already_revoked() -> None:
 def test_refund_never_takes_a_balance_below_zero_and_records_the_shortfall() -> None:
     group = GroupSnapshot("g", 30, None, exists=True)
     revocation = revoke_from_group(group, 100, 0, 1000, 1000, NOW)
-    assert revocation.changes == (Change(-30, "refund", 70),)
+    assert revocation.changes == (Movement(-30, "refund", shortfall=70),)
     assert (revocation.revoked, revocation.shortfall) == (30, 70)
     overdrawn = revoke_from_group(GroupSnapshot("g", -5, None, exists=True), 100, 0, 1000, 1000, NOW)
-    assert overdrawn.changes == (Change(0, "refund", 100),)
+    assert overdrawn.changes == (Movement(0, "refund", shortfall=100),)
 
 
 def test_refund_of_an_expired_group_expires_the_remainder_and_records_all_as_shortfall() -> None:
     group = GroupSnapshot("g", 80, NOW - timedelta(days=1), exists=True)
     revocation = revoke_from_group(group, 100, 0, 500, 1000, NOW)
-    assert revocation.changes == (Change(-80, "expire"), Change(0, "refund", 50))
+    assert revocation.changes == (Movement(-80, "expire"), Movement(0, "refund", shortfall=50))
 
 
 def test_refund_status_full_or_partial() -> None:

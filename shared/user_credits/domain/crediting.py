@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from user_credits.domain.durations import cycle_end, later_expiry
+from user_credits.domain.lots import Movement
 from user_credits.domain.offers import Offer
 
 
@@ -57,15 +58,6 @@ class CreditTerms:
 
 
 @dataclass(frozen=True)
-class Change:
-    """One ledger entry to be: a signed delta with its reason (and, for refunds, what could not be taken)."""
-
-    delta: int
-    reason: str
-    shortfall: int | None = None
-
-
-@dataclass(frozen=True)
 class Period:
     """When one purchase line starts and ends (None: never)."""
 
@@ -76,7 +68,7 @@ class Period:
 @dataclass(frozen=True)
 class GroupCredit:
     offer_group: str
-    changes: tuple[Change, ...]
+    changes: tuple[Movement, ...]
     expires_at: datetime | None
     periods: tuple[Period, ...]
     tokens: int
@@ -85,7 +77,7 @@ class GroupCredit:
 @dataclass(frozen=True)
 class GroupRevocation:
     offer_group: str
-    changes: tuple[Change, ...]
+    changes: tuple[Movement, ...]
     expires_at: datetime | None
     revoked: int
     shortfall: int
@@ -115,10 +107,10 @@ def purchase_terms(offer: Offer, quantity: int, item_offers: Mapping[str, Offer]
     return lines
 
 
-def expire_remainder(group: GroupSnapshot, now: datetime) -> tuple[list[Change], int]:
+def expire_remainder(group: GroupSnapshot, now: datetime) -> tuple[list[Movement], int]:
     """An expired group's positive remainder goes first, so old tokens never ride on a new expiry."""
     if group.is_expired(now) and group.balance > 0:
-        return [Change(-group.balance, "expire")], 0
+        return [Movement(-group.balance, "expire")], 0
     return [], group.balance
 
 
@@ -146,7 +138,7 @@ def credit_group(group: GroupSnapshot, lines: Sequence[CreditTerms], now: dateti
         has_expiry_to_keep = True
         balance += line.tokens
         tokens += line.tokens
-        changes.append(Change(line.tokens, "purchase"))
+        changes.append(Movement(line.tokens, "purchase"))
         periods.append(Period(start, end))
     return GroupCredit(group.offer_group, tuple(changes), current, tuple(periods), tokens)
 
@@ -181,7 +173,7 @@ def revoke_from_group(
         return GroupRevocation(group.offer_group, tuple(changes), group.expires_at, 0, 0)
     taken = min(due, max(0, balance))
     shortfall = due - taken
-    changes.append(Change(-taken, "refund", shortfall or None))
+    changes.append(Movement(-taken, "refund", shortfall=shortfall or None))
     return GroupRevocation(group.offer_group, tuple(changes), group.expires_at, taken, shortfall)
 
 

@@ -22,9 +22,9 @@ from pynamodb.transactions import TransactWrite
 from user_credits.config import load_settings
 from user_credits.domain.clock import to_iso, utc_now
 from user_credits.domain.crediting import (
-    Change,
     CreditTerms,
     GroupCredit,
+    GroupRevocation,
     GroupSnapshot,
     credit_group,
     group_lines,
@@ -32,6 +32,7 @@ from user_credits.domain.crediting import (
     refund_status,
     revoke_from_group,
 )
+from user_credits.domain.lots import Movement
 from user_credits.domain.offers import Offer, is_visible
 from user_credits.domain.orders import PAID_STATUSES, Order, holdings_from_orders
 from user_credits.errors import (
@@ -223,7 +224,7 @@ def _snapshot_of(state: GroupState) -> GroupSnapshot:
     return GroupSnapshot(state.offer_group, state.balance, state.expires_at, state.exists)
 
 
-def _drafts(changes: Sequence[Change], order_id: str) -> list[EntryDraft]:
+def _drafts(changes: Sequence[Movement], order_id: str) -> list[EntryDraft]:
     return [EntryDraft(c.delta, c.reason, order_id=order_id, shortfall=c.shortfall) for c in changes]
 
 
@@ -243,7 +244,7 @@ class CreditPlan:
 
     def stage(
         self, tx: TransactWrite, order_id: str, now: datetime,
-        more: Mapping[str, Sequence[Change]] | None = None,
+        more: Mapping[str, Sequence[Movement]] | None = None,
     ) -> list[CreditResult]:
         """Stage each group's credit; `more` adds changes per group (a refund that came first)."""
         results = []
@@ -376,58 +377,78 @@ def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
         plan = plan_credit(user_id, _order_lines(record), now)
         paid = plan.paid_order(order)
         refund = _early_refund(record, plan, now)
+        period = [_set_or_remove(OrderRecord.startsAt, paid.starts_at),
+                  _set_or_remove(OrderRecord.expiresAt, paid.expires_at)]
+        if refund is None:
+            action, more = "paid", None
+            order_actions = [OrderRecord.status.set("paid"), OrderRecord.credits.set(plan.credits_json()), *period]
+        else:
+            action, more = refund.status, refund.changes()
+            order_actions = [*refund.order_actions(0), OrderRecord.pendingRefund.remove(), *period]
         results: list[CreditResult] = []
 
         def build(tx: TransactWrite) -> None:
-            order_store.stage_order_update(tx, record, [
-                OrderRecord.status.set(refund.status if refund else "paid"),
-                _set_or_remove(OrderRecord.startsAt, paid.starts_at),
-                _set_or_remove(OrderRecord.expiresAt, paid.expires_at),
-                OrderRecord.credits.set(refund.credits if refund else plan.credits_json()),
-                *(refund.order_actions() if refund else []),
-            ])
-            results.extend(plan.stage(tx, order_id, now, refund.changes if refund else None))
+            order_store.stage_order_update(tx, record, order_actions)
+            results.extend(plan.stage(tx, order_id, now, more))
             _stage_event_record(tx, event, order_id, "paid", now)
 
         commit(build)
-        return WebhookOutcome(refund.status if refund else "paid", order_id,
-                              _granted_events(user_id, order_id, results))
+        return WebhookOutcome(action, order_id, _granted_events(user_id, order_id, results))
 
     return _apply_to_order(event, "id", _PAYABLE, pay)
 
 
 @dataclass(frozen=True)
-class EarlyRefund:
-    """A refund remembered before its payment, applied in the payment's own transaction (SPEC 2.4)."""
+class RefundPlan:
+    """What a refund takes from each group an order credited, and what the order records of it."""
 
     refunded: int
     status: str
-    accounted: int
-    credits: list[dict[str, Any]]
-    changes: dict[str, tuple[Change, ...]]
+    accounted: int  # tokens this refund revoked or recorded as shortfall
+    credits: list[dict[str, Any]]  # the order's `credits` with `revoked` brought up to date
+    revocations: dict[str, GroupRevocation]
 
-    def order_actions(self) -> list[Action]:
-        return [OrderRecord.amountRefunded.set(self.refunded), OrderRecord.revokedTokens.set(self.accounted),
-                OrderRecord.pendingRefund.remove()]
+    def order_actions(self, accounted_before: int) -> list[Action]:
+        return [
+            OrderRecord.status.set(self.status),
+            OrderRecord.amountRefunded.set(self.refunded),
+            OrderRecord.revokedTokens.set(accounted_before + self.accounted),
+            OrderRecord.credits.set(self.credits),
+        ]
+
+    def changes(self) -> dict[str, tuple[Movement, ...]]:
+        return {group: revocation.changes for group, revocation in self.revocations.items()}
 
 
-def _early_refund(record: OrderRecord, plan: CreditPlan, now: datetime) -> EarlyRefund | None:
-    """What the remembered refund takes from each group right after the credit, by the same rule as a
-    refund of a paid order (never below 0, the rest recorded as shortfall)."""
+def plan_refund(
+    credits: Sequence[Mapping[str, Any]], groups: Mapping[str, GroupSnapshot], refunded: int, amount: int,
+    now: datetime,
+) -> RefundPlan:
+    """Each credited group gives back its share of `refunded`, less what it already gave (SPEC 2.4)."""
+    updated = [dict(credit) for credit in credits]
+    revocations: dict[str, GroupRevocation] = {}
+    accounted = 0
+    for credit in updated:
+        group, already = credit["offerGroup"], int(credit.get("revoked", 0))
+        revocation = revoke_from_group(groups[group], int(credit["tokens"]), already, refunded, amount, now)
+        credit["revoked"] = already + revocation.revoked + revocation.shortfall
+        accounted += revocation.revoked + revocation.shortfall
+        revocations[group] = revocation
+    return RefundPlan(refunded, refund_status(refunded, amount), accounted, updated, revocations)
+
+
+def _early_refund(record: OrderRecord, plan: CreditPlan, now: datetime) -> RefundPlan | None:
+    """A refund remembered before its payment, applied to the groups as the payment leaves them, in the
+    payment's own transaction."""
     refunded = min(int(record.pendingRefund or 0), int(record.amount))
     if refunded <= 0:
         return None
-    credits = plan.credits_json()
-    changes: dict[str, tuple[Change, ...]] = {}
-    accounted = 0
-    for (state, credit), line in zip(plan.groups, credits, strict=True):
-        credited = GroupSnapshot(credit.offer_group, state.balance + sum(c.delta for c in credit.changes),
-                                 credit.expires_at, True)
-        revocation = revoke_from_group(credited, credit.tokens, 0, refunded, int(record.amount), now)
-        line["revoked"] = revocation.revoked + revocation.shortfall
-        accounted += revocation.revoked + revocation.shortfall
-        changes[credit.offer_group] = revocation.changes
-    return EarlyRefund(refunded, refund_status(refunded, int(record.amount)), accounted, credits, changes)
+    credited = {
+        credit.offer_group: GroupSnapshot(
+            credit.offer_group, state.balance + sum(c.delta for c in credit.changes), credit.expires_at, True)
+        for state, credit in plan.groups
+    }
+    return plan_refund(plan.credits_json(), credited, refunded, int(record.amount), now)
 
 
 def _set_or_remove(attribute: UTCDateTimeAttribute, value: datetime | None) -> Action:
@@ -507,33 +528,20 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
         if refunded_now <= int(record.amountRefunded):
             return WebhookOutcome("duplicate", order_id)
         now = utc_now()
-        credits = [dict(c) for c in record.credits or []]
-        staged: list[tuple[GroupState, Sequence[Change], datetime | None]] = []
-        accounted = 0
-        for credit in credits:
-            state = read_group(user_id, credit["offerGroup"])
-            revocation = revoke_from_group(
-                _snapshot_of(state), int(credit["tokens"]), int(credit.get("revoked", 0)), refunded_now, amount, now
-            )
-            credit["revoked"] = int(credit.get("revoked", 0)) + revocation.revoked + revocation.shortfall
-            accounted += revocation.revoked + revocation.shortfall
-            if revocation.changes:
-                staged.append((state, revocation.changes, revocation.expires_at))
-        status = refund_status(refunded_now, amount)
+        credits = record.credits or []
+        states = {credit["offerGroup"]: read_group(user_id, credit["offerGroup"]) for credit in credits}
+        refund = plan_refund(credits, {g: _snapshot_of(s) for g, s in states.items()}, refunded_now, amount, now)
 
         def build(tx: TransactWrite) -> None:
-            order_store.stage_order_update(tx, record, [
-                OrderRecord.status.set(status),
-                OrderRecord.amountRefunded.set(refunded_now),
-                OrderRecord.revokedTokens.set(int(record.revokedTokens or 0) + accounted),
-                OrderRecord.credits.set(credits),
-            ])
-            for state, changes, expires_at in staged:
-                stage_group_change(tx, state, _drafts(changes, order_id), expires_at, now)
-            _stage_event_record(tx, event, order_id, status, now)
+            order_store.stage_order_update(tx, record, refund.order_actions(int(record.revokedTokens or 0)))
+            for group, revocation in refund.revocations.items():
+                if revocation.changes:
+                    stage_group_change(tx, states[group], _drafts(revocation.changes, order_id),
+                                       revocation.expires_at, now)
+            _stage_event_record(tx, event, order_id, refund.status, now)
 
         commit(build)
-        return WebhookOutcome(status, order_id)
+        return WebhookOutcome(refund.status, order_id)
 
     return _apply_to_order(event, "payment_intent", (*PAID_STATUSES, *_PAYABLE), revoke,
                            not_allowed="ignored_not_paid")
