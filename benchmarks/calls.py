@@ -170,11 +170,14 @@ def _setup(b: Bench) -> None:
 
 
 def _write_expired_group(user_id: str, group: str) -> None:
-    """An expired group with a positive balance, written directly (the sweep has not run yet)."""
+    """A group whose one lot of 5 expired an hour ago, written directly (the sweep has not run yet)."""
+    from user_credits.domain.lots import Book, NewLot
     from user_credits.store.models import BalanceRecord, group_sk
 
-    BalanceRecord(user_id, group_sk(group), offerGroup=group, balance=5,
-                  expiresAt=datetime.now(UTC) - timedelta(hours=1)).save()
+    expired = datetime.now(UTC) - timedelta(hours=1)
+    book, _ = Book(group).credit(NewLot("bench", "grant", 5, expired - timedelta(days=1), expired), "grant")
+    BalanceRecord(user_id, group_sk(group), offerGroup=group, balance=5, expiresAt=expired, nextExp=expired,
+                  book=book.to_record()).save()
 
 
 def _create_order(b: Bench, offer: str, key: str | None = None) -> Reply:

@@ -95,9 +95,10 @@ class SizeResult:
 def seed(users: int, due: int, start: datetime) -> list[str]:
     """`users` balances with one ledger entry each; the first `due` expire a few minutes after `start`,
     the others 10 to 375 days later (never inside the warning window)."""
-    from user_credits.domain.clock import to_iso
     from user_credits.domain.ledger import LedgerEntry
-    from user_credits.store.ledger import expiry_bucket, ledger_record
+    from user_credits.domain.lots import Book, NewLot
+    from user_credits.store.balances import due_shard, due_sort
+    from user_credits.store.ledger import ledger_record
     from user_credits.store.models import BalanceRecord, LedgerRecord, group_sk
 
     group = "bench-group"
@@ -108,10 +109,11 @@ def seed(users: int, due: int, start: datetime) -> list[str]:
                 expires_at = start + timedelta(minutes=5, seconds=number)
             else:
                 expires_at = start + timedelta(days=10 + number % 366, seconds=number)
+            book, _ = Book(group).credit(NewLot("bench", "grant", 100, start, expires_at), "grant")
             balances.save(BalanceRecord(
                 user, group_sk(group), offerGroup=group, balance=100, expiresAt=expires_at, seq=1,
-                updatedAt=start, expiryBucket=expiry_bucket(expires_at),
-                expirySort=f"{to_iso(expires_at)}#{user}#{group}",
+                updatedAt=start, book=book.to_record(), nextExp=expires_at, dueShard=due_shard(user, group),
+                dueSort=due_sort(user, group, expires_at),
             ))
             ledger.save(ledger_record(LedgerEntry(
                 user_id=user, offer_group=group, delta=100, balance_after=100, reason="grant", at=start, seq=1)))

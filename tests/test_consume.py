@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from seeding import seed_lot
 
 from user_credits.store import consumption as consumption_store
-from user_credits.store.balances import EntryDraft, read_group, stage_group_change
+from user_credits.store.balances import read_group
 from user_credits.store.models import LedgerRecord
-from user_credits.store.transactions import commit
 
 
 def grant(service: Any, user: str, group: str, tokens: int, **extra: Any) -> Any:
@@ -33,10 +33,9 @@ def ledger(user: str) -> list[LedgerRecord]:
 
 
 def expired_group(user: str, group: str, balance: int) -> None:
-    """A group whose expiry has passed but which the sweep has not zeroed yet."""
+    """A group whose only lot expired a minute ago, which the sweep has not reached yet."""
     past = datetime.now(UTC) - timedelta(minutes=1)
-    before = read_group(user, group)
-    commit(lambda tx: stage_group_change(tx, before, [EntryDraft(balance, "grant")], past, past))
+    seed_lot(user, group, balance, expires_at=past, at=past - timedelta(days=1))
 
 
 def test_consume_spends_tokens_and_writes_one_ledger_entry(service: Any, ids: Any, balanced: Any) -> None:
@@ -88,14 +87,23 @@ def test_exact_balance_can_be_consumed_to_zero(service: Any, ids: Any, balanced:
     balanced(user)
 
 
-def test_tokens_of_an_expired_group_are_never_spendable(service: Any, ids: Any, balanced: Any) -> None:
+def test_tokens_of_an_expired_group_are_never_spendable(
+    service: Any, ids: Any, events: Any, balanced: Any,
+) -> None:
     user, group = ids("u"), ids("g")
     expired_group(user, group, 10)
-    for body in ({}, {"maxOverdraft": 100}):
-        reply = consume(service, user, group, 1, **body)
-        assert reply.status == 402
-        assert reply.body["error"] == "credits_expired" and reply.body["balance"] == 10
-    assert read_group(user, group).balance == 10
+    # SPEC 2.5: only live lots count, so the balance is 0 before the sweep has run.
+    reply = consume(service, user, group, 1)
+    assert reply.status == 402
+    assert reply.body["error"] == "credits_expired" and reply.body["balance"] == 0
+    # The refusal wrote nothing: the lot leaves with its own entry when the sweep reaches it.
+    assert read_group(user, group).balance == 10 and len(ledger(user)) == 1
+    # An overdraft may still run into debt: the expired tokens leave first, they are never spent.
+    reply = consume(service, user, group, 1, maxOverdraft=100)
+    assert reply.status == 200 and reply.body["balance"] == -1
+    assert [(int(r.delta), int(r.balanceAfter), r.reason, r.lotId is not None) for r in ledger(user)] == [
+        (10, 10, "grant", True), (-10, 0, "expire", True), (-1, -1, "consume", False)]
+    assert [e["expiredTokens"] for e in events.of_type("CreditsExpired")] == [10]
     balanced(user)
 
 

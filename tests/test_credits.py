@@ -36,10 +36,12 @@ def test_credits_lists_every_group_with_balance_and_expiry(service: Any, ids: An
     reply = service.call("GET", "/credits", user=user)
     assert reply.status == 200
     assert reply.body["userId"] == user
-    assert sorted(reply.body["groups"], key=lambda g: g["offerGroup"]) == sorted([
-        {"offerGroup": a, "balance": 6, "expiresAt": None},
-        {"offerGroup": b, "balance": 5, "expiresAt": expiry},
-    ], key=lambda g: g["offerGroup"])
+    groups = {g["offerGroup"]: g for g in reply.body["groups"]}
+    assert [(g["balance"], g["expiresAt"]) for g in (groups[a], groups[b])] == [(6, None), (5, expiry)]
+    # Each grant is a lot of its own; `remaining` includes the consume.
+    assert [(lot["source"], lot["granted"], lot["remaining"], lot["expiresAt"], lot["priority"])
+            for lot in groups[a]["lots"] + groups[b]["lots"]] == [
+        ("grant", 10, 6, None, 50), ("grant", 5, 5, expiry, 50)]
     assert reply.body["orders"] == []
     balanced(user)
 
@@ -72,7 +74,9 @@ def test_service_reads_any_users_credits(service: Any, ids: Any) -> None:
     user, group = ids("u"), ids("g")
     grant(service, user, group, 10)
     reply = service.call("GET", f"/users/{user}/credits", iam=True)
-    assert reply.status == 200 and reply.body["groups"] == [{"offerGroup": group, "balance": 10, "expiresAt": None}]
+    assert reply.status == 200
+    assert [(g["offerGroup"], g["balance"], g["expiresAt"], len(g["lots"])) for g in reply.body["groups"]] == [
+        (group, 10, None, 1)]
 
 
 def test_service_credits_without_iam_is_forbidden(service: Any, ids: Any) -> None:

@@ -1,4 +1,4 @@
-"""The sweep's positions in the byExpiry index (pure: no engine).
+"""The sweep's positions in the byDue index, and its shards (pure: no engine).
 
 Keys are `<iso expiresAt>#<userId>#<group>` where the ISO text has microseconds only when present, so
 inside one second `...16.5Z` sorts before `...16Z` ('.' < 'Z'). Positions are second prefixes, which
@@ -7,11 +7,13 @@ sort before every key of their second whatever its form.
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from user_credits.domain.clock import to_iso
 from user_credits.logic.expiry import MIN_SAFETY_MS, SAFETY_MS, Deadline
-from user_credits.store.expiry import LOWEST, day_position, days_between, position_before, position_through
+from user_credits.store.balances import DUE_SHARDS, due_shard, due_shards, due_sort
+from user_credits.store.expiry import LOWEST, DueEntry, position_before, position_through
 
 
 def key(moment: datetime, user: str = "u", group: str = "g") -> str:
@@ -43,11 +45,19 @@ def test_resuming_after_a_key_skips_exactly_that_key() -> None:
     assert stopped + LOWEST > stopped
 
 
-def test_day_positions_and_buckets() -> None:
-    moment = datetime(2031, 2, 27, 23, 59, 59, tzinfo=UTC)
-    assert day_position(moment) == "2031-02-27"
-    assert key(moment) > day_position(moment)
-    assert days_between("2031-02-27", "2031-03-02") == ["2031-02-27", "2031-02-28", "2031-03-01", "2031-03-02"]
+def test_what_falls_due_at_one_moment_spreads_over_every_shard() -> None:
+    shards = Counter(due_shard(f"user-{n}", "tokens") for n in range(1600))
+    assert set(shards) == set(due_shards()) and len(shards) == DUE_SHARDS >= 16
+    # No shard takes more than twice its share (100 each if even).
+    assert max(shards.values()) < 200
+    assert due_shard("a", "b") == due_shard("a", "b")
+
+
+def test_an_index_key_says_who_and_when() -> None:
+    moment = datetime(2031, 2, 27, 23, 59, 59, 250_000, tzinfo=UTC)
+    entry = DueEntry.from_sort_key(due_sort("user:1@x", "g.1", moment))
+    assert (entry.due_at, entry.user_id, entry.offer_group) == (moment, "user:1@x", "g.1")
+    assert entry.sort_key == key(moment, "user:1@x", "g.1")
 
 
 def test_the_safety_margin_follows_the_budget() -> None:

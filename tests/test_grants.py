@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from seeding import seed_lot
 
 from user_credits.domain.clock import to_iso
+from user_credits.domain.lots import Book, NewLot
 from user_credits.logic.grants import plan_grant
-from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
+from user_credits.store.balances import GroupState, read_group
 from user_credits.store.models import LedgerRecord
-from user_credits.store.transactions import commit
 
 
 def iso(days: float) -> str:
@@ -36,8 +37,11 @@ def test_grant_creates_a_group_with_a_grant_entry(service: Any, ids: Any, events
     user, group = ids("u"), ids("g")
     reply = grant(service, user, {"offerGroup": group, "tokens": 25, "reason": "welcome"})
     assert reply.status == 201
-    assert reply.body == {"userId": user, "offerGroup": group, "balance": 25, "expiresAt": None}
+    lot_id = reply.body["lotId"]
+    assert reply.body == {"userId": user, "offerGroup": group, "balance": 25, "expiresAt": None, "lotId": lot_id}
     assert entries(user) == [(25, 25, "grant")]
+    [lot] = read_group(user, group).book.lots
+    assert (lot.lot_id, lot.source, lot.granted, lot.expires_at, lot.priority) == (lot_id, "grant", 25, None, 50)
     granted = events.of_type("CreditsGranted")
     assert len(granted) == 1 and granted[0]["userId"] == user and granted[0]["balance"] == 25
     balanced(user)
@@ -67,15 +71,41 @@ def test_grant_never_shortens_a_group(service: Any, ids: Any, balanced: Any) -> 
     assert grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": sooner}).body["expiresAt"] == later
     even_later = iso(60)
     reply = grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": even_later})
-    assert reply.body == {"userId": user, "offerGroup": group, "balance": 15, "expiresAt": even_later}
+    assert reply.body == {"userId": user, "offerGroup": group, "balance": 15, "expiresAt": even_later,
+                          "lotId": reply.body["lotId"]}
     balanced(user)
 
 
-def test_grant_without_expiry_keeps_the_groups_expiry(service: Any, ids: Any) -> None:
+def test_a_grant_without_expiry_is_a_lot_that_never_expires(service: Any, ids: Any) -> None:
     user, group = ids("u"), ids("g")
     expiry = iso(30)
-    grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": expiry})
-    assert grant(service, user, {"offerGroup": group, "tokens": 5}).body["expiresAt"] == expiry
+    dated = grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": expiry}).body["lotId"]
+    # SPEC 1: a group with a lot that never expires never expires; the dated lot keeps its own date.
+    undated = grant(service, user, {"offerGroup": group, "tokens": 5}).body
+    assert undated["expiresAt"] is None
+    lots = {lot.lot_id: lot.expires_at for lot in read_group(user, group).book.lots}
+    assert lots == {dated: datetime.fromisoformat(expiry), undated["lotId"]: None}
+
+
+def test_a_grant_with_a_lower_priority_is_spent_first(service: Any, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": iso(1)})
+    promo = grant(service, user, {"offerGroup": group, "tokens": 5, "priority": 0}).body["lotId"]
+    consumed = service.call("POST", f"/users/{user}/consume", {"offerGroup": group, "tokens": 3}, iam=True)
+    assert consumed.status == 200
+    lots = service.call("GET", f"/users/{user}/credits", iam=True).body["groups"][0]["lots"]
+    # Spending order: the promotion (priority 0) first, although the other lot expires sooner.
+    assert [(lot["lotId"] == promo, lot["remaining"], lot["priority"]) for lot in lots] == [
+        (True, 2, 0), (False, 5, 50)]
+
+
+def test_a_negative_grant_is_no_lot_and_cannot_set_a_priority(service: Any, ids: Any) -> None:
+    user, group = ids("u"), ids("g")
+    grant(service, user, {"offerGroup": group, "tokens": 10})
+    assert grant(service, user, {"offerGroup": group, "tokens": -1, "priority": 3}).status == 422
+    reply = grant(service, user, {"offerGroup": group, "tokens": -4})
+    assert reply.status == 201 and reply.body["lotId"] is None and reply.body["balance"] == 6
+    assert [lot.remaining for lot in read_group(user, group).book.lots] == [6]
 
 
 def test_a_group_that_never_expires_stays_so(service: Any, ids: Any) -> None:
@@ -87,11 +117,11 @@ def test_a_group_that_never_expires_stays_so(service: Any, ids: Any) -> None:
 def test_grant_into_an_expired_group_expires_the_remainder_first(service: Any, ids: Any, balanced: Any) -> None:
     user, group = ids("u"), ids("g")
     past = datetime.now(UTC) - timedelta(hours=1)
-    before = read_group(user, group)
-    commit(lambda tx: stage_group_change(tx, before, [EntryDraft(8, "purchase", order_id="o1")], past, past))
+    seed_lot(user, group, 8, expires_at=past, at=past - timedelta(days=1), reason="purchase", order_id="o1")
     expiry = iso(7)
     reply = grant(service, user, {"offerGroup": group, "tokens": 5, "expiresAt": expiry})
-    assert reply.body == {"userId": user, "offerGroup": group, "balance": 5, "expiresAt": expiry}
+    assert reply.body == {"userId": user, "offerGroup": group, "balance": 5, "expiresAt": expiry,
+                          "lotId": reply.body["lotId"]}
     assert entries(user) == [(8, 8, "purchase"), (-8, 0, "expire"), (5, 5, "grant")]
     balanced(user)
 
@@ -199,7 +229,9 @@ def test_retry_after_a_crash_at_any_call_grants_exactly_once(
     crash.disarm()
     reply = grant(local_service, user, body, key="retry-me")
     assert reply.status == 201
-    assert reply.body == {"userId": user, "offerGroup": group, "balance": 7, "expiresAt": None}
+    assert reply.body == {"userId": user, "offerGroup": group, "balance": 7, "expiresAt": None,
+                          "lotId": reply.body["lotId"]}
+    assert [lot.lot_id for lot in read_group(user, group).book.lots] == [reply.body["lotId"]]
     assert grant(local_service, user, body, key="retry-me").body == reply.body
     assert entries(user) == [(7, 7, "grant")]
     balanced(user)
@@ -209,27 +241,37 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 LATER = st.none() | st.integers(1, 10**8).map(lambda seconds: NOW + timedelta(seconds=seconds))
 
 
+def group_of(balance: int, expires_at: datetime | None) -> GroupState:
+    """A group holding `balance` in one lot expiring at `expires_at` (a negative balance: spent into debt)."""
+    book, _ = Book("g").credit(NewLot("old", "grant", max(balance, 0), NOW - timedelta(days=1), expires_at), "grant")
+    book = book.burn(-min(balance, 0))
+    return GroupState("u", "g", book, balance, seq=3, exists=True)
+
+
 @given(old=LATER, new=LATER, tokens=st.integers(1, 10**15), balance=st.integers(-10**6, 10**6))
 def test_a_positive_grant_never_shortens_a_live_group(
     old: datetime | None, new: datetime | None, tokens: int, balance: int
 ) -> None:
-    before = GroupState("u", "g", balance, old, seq=3, exists=True)
-    drafts, expiry = plan_grant(before, tokens, new, None, NOW)
-    if old is None:
+    before = group_of(balance, old)
+    plan = plan_grant(before, tokens, new, None, NOW)
+    expiry = plan.book.expires_at
+    if old is None or new is None:
         assert expiry is None
     else:
-        assert expiry is not None and expiry >= old and (new is None or expiry >= new)
-    assert [(d.delta, d.reason) for d in drafts] == [(tokens, "grant")]
+        assert expiry is not None and expiry >= old and expiry >= new
+    assert [(m.delta, m.reason, m.lot_id) for m in plan.movements] == [(tokens, "grant", plan.lot_id)]
+    assert plan.book.total == balance + tokens
 
 
 @given(old=LATER, tokens=st.integers(-10**6, -1), balance=st.integers(-10, 10**6))
 def test_a_negative_grant_never_goes_below_zero_nor_moves_the_expiry(
     old: datetime | None, tokens: int, balance: int
 ) -> None:
-    before = GroupState("u", "g", balance, old, seq=3, exists=True)
+    before = group_of(balance, old)
     try:
-        drafts, expiry = plan_grant(before, tokens, None, None, NOW)
+        plan = plan_grant(before, tokens, None, None, NOW)
     except Exception as refusal:
         assert getattr(refusal, "code", None) == "insufficient_credits" and balance + tokens < 0
         return
-    assert balance + tokens >= 0 and expiry == old and [d.delta for d in drafts] == [tokens]
+    assert balance + tokens >= 0 and plan.book.expires_at == before.book.expires_at and plan.lot_id is None
+    assert [m.delta for m in plan.movements] == [tokens] and plan.book.total == balance + tokens

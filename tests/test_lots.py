@@ -79,9 +79,9 @@ def test_next_expiry_ignores_lots_without_tokens() -> None:
 def test_take_prefers_the_named_lots_then_spending_order_and_never_goes_below_zero() -> None:
     book = credited(lot("promo", 5, None, priority=0), lot("order", 5, NOW + DAY), lot("other", 5, NOW + 2 * DAY))
     taken_book, taken = book.take(8, first=["order"])
-    assert taken == 8 and remaining(taken_book) == {"promo": 2, "order": 0, "other": 5}
+    assert taken == [("order", 5), ("promo", 3)] and remaining(taken_book) == {"promo": 2, "order": 0, "other": 5}
     emptied, all_of_it = book.take(100)
-    assert all_of_it == 15 and emptied.total == 0
+    assert sum(n for _, n in all_of_it) == 15 and emptied.total == 0
 
 
 def test_warnings_are_claimed_once_per_lot_within_the_window() -> None:

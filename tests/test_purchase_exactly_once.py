@@ -105,14 +105,19 @@ def outcome(shop: Shop, user: str, order_id: str, groups: list[str]) -> dict[str
     shop.assert_ledger_explains_balances(user, groups)
     record = shop.order_record(user, order_id)
     states = {g: shop.group(user, g) for g in groups}
+    def named(lot_id: str | None) -> str | None:
+        # Lots are named after their order: compare the names with the order's id taken out.
+        return None if lot_id is None else lot_id.replace(order_id, "ORDER")
+
+    credits = [{**c, "lots": [named(lot) for lot in c.get("lots", [])]} for c in record.credits or []]
     return {
         "status": record.status,
-        "credits": record.credits,
+        "credits": credits,
         "revoked": int(record.revokedTokens),
         "refunded": int(record.amountRefunded),
         "balances": {g: (s.balance, s.seq, s.expires_at is None) for g, s in states.items()},
         "ledger": [(e.offerGroup, int(e.delta), int(e.balanceAfter), e.reason, e.orderId == order_id,
-                    e.shortfall) for e in shop.ledger(user)],
+                    e.shortfall, named(e.lotId)) for e in shop.ledger(user)],
     }
 
 

@@ -22,13 +22,17 @@ import pytest
 import time_machine
 from botocore.session import Session
 from conftest import Backend, EventRecorder, Service
+from seeding import seed_lot
 
 from user_credits.domain.clock import to_iso
 from user_credits.domain.ledger import LedgerEntry
+from user_credits.domain.lots import Book, NewLot
 from user_credits.logic import expiry as expiry_logic
 from user_credits.logic.invariants import check_user
-from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
-from user_credits.store.ledger import expiry_bucket, ledger_record
+from user_credits.store import consumption as consumption_store
+from user_credits.store.balances import GroupState, due_shard, due_sort, read_group
+from user_credits.store.expiry import index_entries, position_through
+from user_credits.store.ledger import ledger_record
 from user_credits.store.models import (
     AccountItem,
     BalanceRecord,
@@ -38,7 +42,6 @@ from user_credits.store.models import (
     SweepProgressRecord,
     group_sk,
 )
-from user_credits.store.transactions import commit
 from user_credits_dev import template as tpl
 from user_credits_dev.lambda_events import LambdaContext, scheduled_event
 
@@ -151,33 +154,25 @@ def ledger_entry(user: str, group: str, delta: int, at: datetime, seq: int = 1) 
 
 
 def seed_in_bulk(rows: list[tuple[str, str, int, datetime]], at: datetime) -> None:
-    """(user, group, balance, expiresAt) balances with their one ledger entry, written by BatchWriteItem
-    in the shape `stage_group_change` gives them (the first test checks both side by side)."""
+    """(user, group, balance, expiresAt) groups of one lot with its one ledger entry, written by
+    BatchWriteItem in the shape `stage_group_change` gives them (the first test checks both side by side)."""
     with BalanceRecord.batch_write() as batch:
         for user, group, balance, expires_at in rows:
+            book, _ = Book(group).credit(NewLot("seed", "grant", balance, at, expires_at), "grant")
             batch.save(BalanceRecord(
                 user, group_sk(group), offerGroup=group, balance=balance, expiresAt=expires_at, seq=1,
-                updatedAt=at, expiryBucket=expiry_bucket(expires_at),
-                expirySort=f"{to_iso(expires_at)}#{user}#{group}",
+                updatedAt=at, book=book.to_record(), nextExp=expires_at, dueShard=due_shard(user, group),
+                dueSort=due_sort(user, group, expires_at),
             ))
     with LedgerRecord.batch_write() as batch:
         for user, group, balance, _ in rows:
             batch.save(ledger_record(ledger_entry(user, group, balance, at)))
 
 
-def give(user: str, group: str, tokens: int, expires_at: datetime | None, at: datetime) -> GroupState:
-    """A purchase-like change through the one primitive: tokens in, expiresAt set."""
-    state = read_group(user, group)
-    after, _ = stage_group_change_committed(state, [EntryDraft(tokens, "grant")], expires_at, at)
-    return after
-
-
-def stage_group_change_committed(
-    state: GroupState, drafts: list[EntryDraft], expires_at: datetime | None, at: datetime,
-) -> tuple[GroupState, list[LedgerEntry]]:
-    result: list[tuple[GroupState, list[LedgerEntry]]] = []
-    commit(lambda tx: result.append(stage_group_change(tx, state, drafts, expires_at, at)))
-    return result[-1]
+def give(user: str, group: str, tokens: int, expires_at: datetime | None, at: datetime,
+         lot_id: str | None = None) -> GroupState:
+    """A lot of `tokens` expiring at `expires_at`, through the one primitive."""
+    return seed_lot(user, group, tokens, expires_at=expires_at, at=at, lot_id=lot_id)
 
 
 def ledger_of(user: str) -> list[LedgerRecord]:
@@ -217,11 +212,11 @@ def test_sweep_reads_grow_with_due_groups_not_with_users(sweep_service: Service,
         seed_in_bulk([(user, group, 50, T0 + timedelta(days=200)) for user in far], T0 - DAY)
         seed_in_bulk([(user, group, 30, T0 + timedelta(hours=1)) for user in due[1:]], T0 - DAY)
         give(due[0], group, 30, T0 + timedelta(hours=1), T0 - DAY)
-        # Seeded items carry the index keys the store writes; the far-off ones are in their own day.
+        # Seeded items carry the index keys the store writes.
         written, seeded = (BalanceRecord.get(u, group_sk(group)) for u in due[:2])
-        assert (written.expiryBucket, written.expirySort.split("#")[0]) == (
-            seeded.expiryBucket, seeded.expirySort.split("#")[0])
-        assert sum(1 for _ in BalanceRecord.byExpiry.query(expiry_bucket(T0 + timedelta(days=200)))) == 400
+        assert (written.nextExp, written.dueSort.split("#")[0]) == (seeded.nextExp, seeded.dueSort.split("#")[0])
+        assert written.book["lots"][0]["remaining"] == seeded.book["lots"][0]["remaining"] == 30
+        assert sum(1 for _ in index_entries("", position_through(T0 + timedelta(days=200)))) == 410
 
     with time_machine.travel(T0 + timedelta(hours=2), tick=True):
         reads.reset()
@@ -246,7 +241,7 @@ def test_an_expired_group_keeps_its_expiry_and_a_second_sweep_changes_nothing(
     user, group = ids("u"), ids("g")
     expires_at = T0 + timedelta(hours=1)
     with time_machine.travel(T0, tick=True):
-        give(user, group, 40, expires_at, T0)
+        give(user, group, 40, expires_at, T0, lot_id="lot-1")
     with time_machine.travel(T0 + timedelta(hours=3), tick=True):
         assert sweep(sweep_service)["expired"] == 1
         after_first = read_group(user, group)
@@ -263,11 +258,11 @@ def test_an_expired_group_keeps_its_expiry_and_a_second_sweep_changes_nothing(
     assert len(expire_entries(user, group)) == 1
     detail = sweep_service.events.of_type("CreditsExpired")
     assert detail == [{"userId": user, "offerGroup": group, "balance": 0, "expiresAt": to_iso(expires_at),
-                       "expiredTokens": 40}]
+                       "lotId": "lot-1", "expiredTokens": 40}]
     assert_balances_match_ledger([(user, group)])
 
 
-def test_a_purchase_that_extends_the_group_while_the_sweep_runs_wins(
+def test_a_change_that_commits_while_the_sweep_runs_makes_it_decide_again(
     sweep_service: Service, monkeypatch: pytest.MonkeyPatch, ids: Any,
 ) -> None:
     raced, other, group = ids("raced"), ids("other"), ids("g")
@@ -283,66 +278,66 @@ def test_a_purchase_that_extends_the_group_while_the_sweep_runs_wins(
         # The sweep found the group due and read it; a purchase commits before the sweep's write.
         state = real_read(user, offer_group)
         if user == raced and not extended:
-            after, _ = stage_group_change_committed(
-                state, [EntryDraft(10, "purchase", order_id="o-1")], new_expiry, T0 + timedelta(hours=2))
-            extended.append(after)
+            extended.append(give(raced, group, 10, new_expiry, T0 + timedelta(hours=2)))
         return state
 
     monkeypatch.setattr(expiry_logic, "read_group", read_then_purchase)
     with time_machine.travel(T0 + timedelta(hours=2), tick=True):
         summary = sweep(sweep_service)
 
-    assert extended and summary["expired"] == 1 and summary["failures"] == []
+    # The sweep's write lost to the new lot's, so it read again: the due lot still expires, the new one stays.
+    assert extended and summary["expired"] == 2 and summary["failures"] == []
     now = read_group(raced, group)
-    assert (now.balance, now.expires_at) == (35, new_expiry)
-    assert expire_entries(raced, group) == []
-    assert [e["userId"] for e in sweep_service.events.of_type("CreditsExpired")] == [other]
+    assert (now.balance, now.expires_at) == (10, new_expiry)
+    assert [int(e.delta) for e in expire_entries(raced, group)] == [-25]
+    assert sorted(e["userId"] for e in sweep_service.events.of_type("CreditsExpired")) == sorted([raced, other])
     assert_balances_match_ledger([(raced, group), (other, group)])
 
 
 def test_overdraft_debt_and_empty_groups_are_left_as_they_are_at_expiry(sweep_service: Service, ids: Any) -> None:
     debtor, empty, group = ids("debtor"), ids("empty"), ids("g")
     with time_machine.travel(T0, tick=True):
-        give(debtor, group, -7, T0 + timedelta(hours=1), T0)
+        give(debtor, group, 7, T0 + timedelta(hours=1), T0)
+        consumption_store.debit(debtor, group, 14, 7, T0)
         give(empty, group, 0, T0 + timedelta(hours=1), T0)
     with time_machine.travel(T0 + timedelta(hours=2), tick=True):
         summary = sweep(sweep_service)
     assert summary["expired"] == 0
     assert read_group(debtor, group).balance == -7 and read_group(empty, group).balance == 0
+    # The spent lot has left the debtor's book; the debt stays, for the next credit to pay.
+    assert read_group(debtor, group).book.lots == () and read_group(debtor, group).book.debt == 7
     assert expire_entries(debtor, group) == [] and sweep_service.events.of_type("CreditsExpired") == []
     assert_balances_match_ledger([(debtor, group), (empty, group)])
 
 
-def test_expiring_soon_is_sent_once_per_user_group_and_expiry_and_again_for_a_new_expiry(
-    sweep_service: Service, ids: Any,
-) -> None:
+def test_expiring_soon_is_sent_once_per_lot(sweep_service: Service, ids: Any) -> None:
     user, empty, later, group = ids("u"), ids("empty"), ids("later"), ids("g")
     first_expiry = T0 + timedelta(days=2)  # inside the 3-day window
     with time_machine.travel(T0, tick=True):
-        give(user, group, 12, first_expiry, T0)
+        give(user, group, 12, first_expiry, T0, lot_id="first")
         give(empty, group, 0, first_expiry, T0)
-        give(later, group, 12, T0 + timedelta(days=5), T0)
+        give(later, group, 12, T0 + timedelta(days=5), T0, lot_id="later")
         assert sweep(sweep_service)["warned"] == 1
         assert sweep(sweep_service)["warned"] == 0
     with time_machine.travel(T0 + timedelta(hours=6), tick=True):
         assert sweep(sweep_service)["warned"] == 0
-        # A purchase moves the expiry to another instant, still inside the window: a new warning is due.
+        # A second lot, also expiring inside the window: it gets its own warning, the first one no other.
         second_expiry = T0 + timedelta(days=2, hours=12)
-        state = read_group(user, group)
-        stage_group_change_committed(state, [EntryDraft(3, "purchase", order_id="o-2")], second_expiry, T0)
+        give(user, group, 3, second_expiry, T0 + timedelta(hours=6), lot_id="second")
         assert sweep(sweep_service)["warned"] == 1
         assert sweep(sweep_service)["warned"] == 0
     with time_machine.travel(T0 + timedelta(days=2, hours=1), tick=True):
-        # `later` has entered the window now; `user` was already warned for its expiry.
+        # `later` has entered the window now; the first lot has expired meanwhile.
         assert sweep(sweep_service)["warned"] == 1
 
     soon = sweep_service.events.of_type("CreditsExpiringSoon")
-    assert [(e["userId"], e["expiresAt"], e["balance"]) for e in soon] == [
-        (user, to_iso(first_expiry), 12), (user, to_iso(second_expiry), 15),
-        (later, to_iso(T0 + timedelta(days=5)), 12),
+    assert [(e["userId"], e["lotId"], e["expiresAt"], e["expiringTokens"], e["balance"]) for e in soon] == [
+        (user, "first", to_iso(first_expiry), 12, 12), (user, "second", to_iso(second_expiry), 3, 15),
+        (later, "later", to_iso(T0 + timedelta(days=5)), 12, 12),
     ]
     assert all(e["offerGroup"] == group for e in soon)
-    assert sweep_service.events.of_type("CreditsExpired") == []
+    assert [(e["userId"], e["lotId"], e["balance"]) for e in sweep_service.events.of_type("CreditsExpired")] == [
+        (user, "first", 3)]
     assert_balances_match_ledger([(user, group), (empty, group), (later, group)])
 
 

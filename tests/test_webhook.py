@@ -35,10 +35,16 @@ def test_a_payment_credits_the_group_and_marks_the_order_paid(shop: Shop, ids: A
     assert got["status"] == "paid" and close_to(datetime.fromisoformat(got["startsAt"]), before)
     assert datetime.fromisoformat(got["expiresAt"]) == state.expires_at
     [granted] = shop.service.events.of_type("CreditsGranted")
+    lot_id = f"{order['orderId']}.0"
     assert granted == {"userId": user, "offerGroup": group, "balance": 200, "tokens": 200,
-                       "expiresAt": got["expiresAt"], "orderId": order["orderId"]}
-    assert [(int(e.delta), e.reason, e.orderId) for e in shop.ledger(user, group)] == [
-        (200, "purchase", order["orderId"])]
+                       "expiresAt": got["expiresAt"], "orderId": order["orderId"], "lotIds": [lot_id]}
+    assert [(int(e.delta), e.reason, e.orderId, e.lotId) for e in shop.ledger(user, group)] == [
+        (200, "purchase", order["orderId"], lot_id)]
+    # SPEC 1: the order is one lot, with the order's period.
+    [lot] = state.book.lots
+    assert (lot.lot_id, lot.source, lot.order_id, lot.granted, lot.remaining) == (
+        lot_id, "order", order["orderId"], 200, 200)
+    assert lot.expires_at == state.expires_at
     shop.assert_ledger_explains_balances(user, [group])
 
 
@@ -154,14 +160,12 @@ def test_a_bundle_credits_each_items_group(shop: Shop, ids: Any) -> None:
 
 
 def test_an_expired_group_is_expired_before_a_new_purchase(shop: Shop, ids: Any) -> None:
-    from user_credits.store.balances import EntryDraft, stage_group_change
-    from user_credits.store.transactions import commit
+    from seeding import seed_lot
 
     offer_id, group = shop.offer(tokens=100, appendDate=True)
     user = ids("u")
     past = datetime.now(UTC) - timedelta(days=1)
-    before = shop.group(user, group)
-    commit(lambda tx: stage_group_change(tx, before, [EntryDraft(40, "grant")], past, past))
+    seed_lot(user, group, 40, expires_at=past, at=past - timedelta(days=1))
     start = datetime.now(UTC)
     shop.bought(user, offer_id)
     state = shop.group(user, group)
@@ -199,16 +203,12 @@ def test_refund_found_through_charge_metadata_too(shop: Shop, ids: Any) -> None:
 
 
 def test_refund_never_takes_the_balance_below_zero_and_records_the_shortfall(shop: Shop, ids: Any) -> None:
-    from user_credits.store.balances import EntryDraft, stage_group_change
-    from user_credits.store.transactions import commit
-
     offer_id, group = shop.offer(tokens=100, prices={"usd": 1000})
     user = ids("u")
     order = shop.bought(user, offer_id)
     # Most of the tokens were spent before the refund came in.
-    spent = shop.group(user, group)
-    commit(lambda tx: stage_group_change(tx, spent, [EntryDraft(-90, "consume")], spent.expires_at,
-                                         datetime.now(UTC)))
+    spent = shop.service.call("POST", f"/users/{user}/consume", {"offerGroup": group, "tokens": 90}, iam=True)
+    assert spent.status == 200
     assert shop.refund(order, 1000).status == 200
     assert shop.group(user, group).balance == 0
     last = shop.ledger(user, group)[-1]

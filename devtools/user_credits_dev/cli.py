@@ -229,7 +229,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     prepare(resolve_target(args))
     report = invariants.check_user(args.user) if args.user else invariants.check_all()
     _print({"ok": report.ok, "users": report.users, "groups": report.groups,
-            "mismatches": [dataclasses.asdict(m) for m in report.mismatches]})
+            "mismatches": [dataclasses.asdict(m) for m in report.mismatches],
+            "unsoundBooks": report.unsound_books})
     return 0 if report.ok else 1
 
 

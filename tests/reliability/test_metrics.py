@@ -128,7 +128,7 @@ def sweep_service(
         client.delete_table(TableName=name)
 
 
-def test_the_sweep_emits_groups_expired(sweep_service: Service, emitted: Emitted, ids: Any) -> None:
+def test_the_sweep_emits_lots_expired(sweep_service: Service, emitted: Emitted, ids: Any) -> None:
     users, group = [ids("u") for _ in range(3)], ids("g")
     with time_machine.travel(T0, tick=True):
         for user in users:
@@ -136,9 +136,9 @@ def test_the_sweep_emits_groups_expired(sweep_service: Service, emitted: Emitted
     emitted.read()
     with time_machine.travel(T0 + timedelta(hours=3), tick=True):
         assert sweep_service.invoke_schedule()["expired"] == 3
-        assert emitted.read()["GroupsExpired"] == 3
+        assert emitted.read()["LotsExpired"] == 3
         assert sweep_service.invoke_schedule()["expired"] == 0
-        assert emitted.read()["GroupsExpired"] == 0
+        assert emitted.read()["LotsExpired"] == 0
 
 
 def test_every_webhook_outcome_emits_a_metric(local_shop: Shop, emitted: Emitted, ids: Any) -> None:

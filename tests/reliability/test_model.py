@@ -30,25 +30,72 @@ START = datetime(2027, 1, 31, 12, 0, tzinfo=UTC)  # a month end, so calendar cla
 OFFERS: dict[str, dict[str, Any]] = {
     "pack": {"offerGroup": "g3", "tokens": 100, "cycle": "once", "prices": {"usd": 500}},
     "monthly": {"offerGroup": "g1", "tokens": 50, "cycle": "monthly", "appendDate": True, "prices": {"usd": 1000}},
-    "weekly": {"offerGroup": "g2", "tokens": 20, "cycle": "weekly", "prices": {"usd": 300}},
+    "weekly": {"offerGroup": "g2", "tokens": 20, "cycle": "weekly", "prices": {"usd": 300}, "priority": 20},
     "trial": {"offerGroup": "g2", "tokens": 5, "cycle": "daily", "prices": {"usd": 0}},
+    "topup": {"offerGroup": "g1", "tokens": 30, "cycle": "once", "prices": {"usd": 200}, "priority": 80},
 }
 DURATIONS = {"once": None, "daily": relativedelta(days=1), "weekly": relativedelta(weeks=1),
              "monthly": relativedelta(months=1)}
 
 
 @dataclass
+class Lot:
+    granted: int
+    remaining: int
+    starts: datetime
+    expires: datetime | None
+    priority: int
+    ordinal: int
+    order_id: str | None = None
+
+    def live(self, now: datetime) -> bool:
+        return self.expires is None or self.expires > now
+
+    def key(self) -> tuple[int, int, datetime, int]:
+        return (self.priority, 1 if self.expires is None else 0, self.expires or self.starts, self.ordinal)
+
+
+@dataclass
 class Group:
-    balance: int = 0
-    expires_at: datetime | None = None
+    """SPEC 1: lots, each with its own life, and a debt; the balance counts live lots only."""
+
+    lots: list[Lot] = field(default_factory=list)
+    debt: int = 0
     exists: bool = False
 
-    def expired(self, now: datetime) -> bool:
-        return self.expires_at is not None and self.expires_at <= now
+    def balance(self, now: datetime) -> int:
+        return sum(lot.remaining for lot in self.lots if lot.live(now)) - self.debt
 
-    def expire_remainder(self, now: datetime) -> None:
-        if self.expired(now) and self.balance > 0:
-            self.balance = 0
+    def expires_at(self) -> datetime | None:
+        if not self.lots or any(lot.expires is None for lot in self.lots):
+            return None
+        return max(lot.expires for lot in self.lots if lot.expires is not None)
+
+    def all_expired(self, now: datetime) -> bool:
+        return bool(self.lots) and not any(lot.live(now) for lot in self.lots)
+
+    def spending_order(self, now: datetime) -> list[Lot]:
+        return sorted((lot for lot in self.lots if lot.live(now)), key=Lot.key)
+
+    def expire(self, now: datetime) -> None:
+        for lot in self.lots:
+            if not lot.live(now):
+                lot.remaining = 0
+
+    def add(self, tokens: int, starts: datetime, expires: datetime | None, priority: int,
+            order_id: str | None = None) -> None:
+        paid = min(self.debt, tokens)
+        self.debt -= paid
+        self.lots.append(Lot(tokens, tokens - paid, starts, expires, priority, len(self.lots), order_id))
+        self.exists = True
+
+    def take(self, tokens: int, lots: list[Lot]) -> int:
+        """Take up to `tokens` from `lots` in that order; what they could not cover."""
+        for lot in lots:
+            part = min(lot.remaining, tokens)
+            lot.remaining -= part
+            tokens -= part
+        return tokens
 
 
 @dataclass
@@ -61,71 +108,63 @@ class Order:
     revoked: dict[str, int] = field(default_factory=dict)
 
 
-def _later(a: datetime | None, b: datetime | None) -> datetime | None:
-    return None if a is None or b is None else max(a, b)
-
-
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
 
 class Model:
-    """SPEC 2.4-2.6 and the documented choices, in the plainest Python."""
+    """SPEC 1 and 2.4-2.6 and the documented choices, in the plainest Python."""
 
     def __init__(self) -> None:
         self.groups: dict[str, Group] = {"g1": Group(), "g2": Group(), "g3": Group()}
 
-    def credit(self, offer_name: str, quantity: int, now: datetime) -> dict[str, int]:
+    def credit(self, offer_name: str, quantity: int, now: datetime, order_id: str) -> dict[str, int]:
         offer = OFFERS[offer_name]
         group = self.groups[offer["offerGroup"]]
-        group.expire_remainder(now)
+        group.expire(now)
         start = now
-        if offer.get("appendDate") and group.expires_at is not None and group.expires_at > now:
-            start = group.expires_at
+        current = group.expires_at()
+        if offer.get("appendDate") and current is not None:
+            start = max(now, current)
         step = DURATIONS[offer["cycle"]]
         expiry = None if step is None else start + step * quantity
-        group.expires_at = expiry if not group.exists else _later(group.expires_at, expiry)
-        group.balance += offer["tokens"] * quantity
-        group.exists = True
+        group.add(offer["tokens"] * quantity, start, expiry, offer.get("priority", 50), order_id)
         return {offer["offerGroup"]: offer["tokens"] * quantity}
 
     def consume(self, name: str, tokens: int, overdraft: int, now: datetime) -> tuple[int, str | None]:
         group = self.groups[name]
-        if group.expired(now):
-            return 402, "credits_expired"
-        if group.balance - tokens < -overdraft:
-            return 402, "insufficient_credits"
-        group.balance -= tokens
+        if group.balance(now) - tokens < -overdraft:
+            return 402, "credits_expired" if group.all_expired(now) else "insufficient_credits"
+        group.expire(now)
+        group.debt += group.take(tokens, group.spending_order(now))
         group.exists = True
         return 200, None
 
     def refund(self, order: Order, amount_refunded: int, now: datetime) -> None:
         # Stripe's amount_refunded is cumulative: an event that does not grow it is a duplicate and
-        # changes nothing (not even the expiry of a remainder). Found by `make soak`.
+        # changes nothing (not even the expiry of a lot). Found by `make soak`.
         if amount_refunded <= order.refunded:
             return
         order.refunded = amount_refunded
         amount = order.order["amount"]
         for name, credited in order.credited.items():
             group = self.groups[name]
-            group.expire_remainder(now)
+            group.expire(now)
             target = math.floor(credited * amount_refunded / amount)
             due = max(0, target - order.revoked.get(name, 0))
-            group.balance -= min(due, max(0, group.balance))
+            own = [lot for lot in group.lots if lot.order_id == order.order["orderId"] and lot.live(now)]
+            others = [lot for lot in group.spending_order(now) if lot not in own]
+            group.take(due, own + others)  # never below 0: what no lot holds is shortfall
             order.revoked[name] = order.revoked.get(name, 0) + due
 
-    def grant(self, name: str, tokens: int, now: datetime) -> None:
+    def grant(self, name: str, tokens: int, now: datetime, priority: int | None, expires: datetime | None) -> None:
         group = self.groups[name]
-        if group.expired(now):
-            # Documented choice: the remainder expires, then the group starts afresh (no expiry).
-            group.expire_remainder(now)
-            group.expires_at = None
-        group.balance += tokens
-        group.exists = True
+        group.expire(now)
+        group.add(tokens, now, expires, 50 if priority is None else priority)
 
     def sweep(self, now: datetime) -> None:
         for group in self.groups.values():
-            group.expire_remainder(now)
+            group.expire(now)
 
 
 def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids: Any) -> None:
@@ -170,7 +209,7 @@ def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids
             order = Order(reply.body["order"], offer, quantity)
             if order.order["amount"] == 0:
                 assert order.order["status"] == "paid"
-                order.credited = self.model.credit(offer, quantity, self.now())
+                order.credited = self.model.credit(offer, quantity, self.now(), order.order["orderId"])
                 self.paid.append(order)
             else:
                 assert order.order["status"] == "pending"
@@ -181,7 +220,7 @@ def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids
         def pay(self, data: st.DataObject) -> None:
             order = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
             assert shop.pay(order.order).status == 200
-            order.credited = self.model.credit(order.offer, order.quantity, self.now())
+            order.credited = self.model.credit(order.offer, order.quantity, self.now(), order.order["orderId"])
             self.paid.append(order)
 
         @precondition(lambda self: self.pending)
@@ -216,12 +255,18 @@ def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids
             status, error = self.model.consume(group, tokens, overdraft, self.now())
             assert (reply.status, reply.error) == (status, error), reply.body
 
-        @rule(group=st.sampled_from(["g1", "g2", "g3"]), tokens=st.integers(1, 100))
-        def grant(self, group: str, tokens: int) -> None:
-            reply = fresh_service.call("POST", f"/admin/users/{self.user}/grants",
-                                       {"offerGroup": group, "tokens": tokens}, iam=True)
+        @rule(group=st.sampled_from(["g1", "g2", "g3"]), tokens=st.integers(1, 100),
+              priority=st.sampled_from([None, 0, 90]), days=st.sampled_from([None, 1, 10]))
+        def grant(self, group: str, tokens: int, priority: int | None, days: int | None) -> None:
+            body: dict[str, Any] = {"offerGroup": group, "tokens": tokens}
+            expires = None if days is None else self.now() + timedelta(days=days)
+            if priority is not None:
+                body["priority"] = priority
+            if expires is not None:
+                body["expiresAt"] = _iso(expires)
+            reply = fresh_service.call("POST", f"/admin/users/{self.user}/grants", body, iam=True)
             assert reply.status == 201, reply.body
-            self.model.grant(group, tokens, self.now())
+            self.model.grant(group, tokens, self.now(), priority, expires)
 
         @rule()
         def sweep(self) -> None:
@@ -239,14 +284,18 @@ def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids
             credits = fresh_service.call("GET", f"/users/{self.user}/credits", iam=True)
             assert credits.status == 200, credits.body
             seen = {g["offerGroup"]: g for g in credits.body["groups"]}
+            now = self.now()
             for name, group in self.model.groups.items():
                 if not group.exists:
                     continue
                 note(f"{name}: model {group}, service {seen.get(name)}")
-                assert seen[name]["balance"] == group.balance, name
-                assert seen[name]["expiresAt"] == _iso(group.expires_at), name
+                assert seen[name]["balance"] == group.balance(now), name
+                assert seen[name]["expiresAt"] == _iso(group.expires_at()), name
+                # SPEC 3: the live lots in spending order, each with what it still holds.
+                assert [(lot["remaining"], lot["expiresAt"], lot["priority"]) for lot in seen[name]["lots"]] == [
+                    (lot.remaining, _iso(lot.expires), lot.priority) for lot in group.spending_order(now)], name
             report = check_user(self.user)
-            assert report.ok, report.mismatches
+            assert report.ok, (report.mismatches, report.unsound_books)
 
     # ci: a bounded run of about a minute, without shrinking (a failure prints its steps; shrinking a
     # long interleaving can take longer than the test's time limit). soak (`make soak`): new seeds

@@ -16,7 +16,7 @@ router = Router()
 @router.post("/admin/users/<userId>/grants")
 def grant(userId: IdPath, request: GrantIn) -> Response[str]:
     result = grants.grant_credits(
-        userId, request.offerGroup, request.tokens, request.expiresAt, request.reason, idempotency_key(router),
-        request.model_dump(mode="json"),
+        userId, request.offerGroup, request.tokens, request.expiresAt, request.reason, request.priority,
+        idempotency_key(router), request.model_dump(mode="json"),
     )
     return json_response(result.status, result.body)

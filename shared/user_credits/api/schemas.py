@@ -80,6 +80,8 @@ class GrantIn(StrictModel):
     # ISO 8601 strings are the JSON form of a time, so this one field is parsed leniently.
     expiresAt: Annotated[AwareDatetime, Field(strict=False)] | None = None
     reason: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    # The grant's lot is spent before lots of a higher number (SPEC 2.5); default 50, as for offers.
+    priority: Annotated[int, Field(ge=0, le=100)] | None = None
 
     @field_validator("expiresAt", mode="before")
     @classmethod

@@ -1,8 +1,8 @@
-"""SPEC 2.4 as pure functions: what a paid order adds to each group, and what a refund takes back.
+"""SPEC 2.4 as pure functions: the lots a paid order adds to each group, and what a refund takes back.
 
-Nothing here reads a clock or a table: the caller passes `now` and the groups as they were read, and
-gets back the ledger changes and the new expiry of each group. The store then writes exactly that, in
-one transaction, guarded by the sequence numbers it read.
+Nothing here reads a clock or a table: the caller passes `now` and each group's book as it was read,
+and gets back the ledger movements and the book after. The store then writes exactly that, in one
+transaction, guarded by the sequence numbers it read.
 """
 
 from __future__ import annotations
@@ -12,22 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from user_credits.domain.durations import cycle_end, later_expiry
-from user_credits.domain.lots import Movement
+from user_credits.domain.durations import cycle_end
+from user_credits.domain.lots import DEFAULT_PRIORITY, Book, Movement, NewLot
 from user_credits.domain.offers import Offer
-
-
-@dataclass(frozen=True)
-class GroupSnapshot:
-    """A group as read before the change. `exists` tells "no group yet" from "never expires"."""
-
-    offer_group: str
-    balance: int = 0
-    expires_at: datetime | None = None
-    exists: bool = False
-
-    def is_expired(self, now: datetime) -> bool:
-        return self.exists and self.expires_at is not None and self.expires_at <= now
 
 
 @dataclass(frozen=True)
@@ -41,11 +28,13 @@ class CreditTerms:
     cycles: int
     append_date: bool = False
     custom_cycle_seconds: int | None = None
+    priority: int = DEFAULT_PRIORITY
 
     def to_json(self) -> dict[str, Any]:
         return {
             "offerId": self.offer_id, "offerGroup": self.offer_group, "tokens": self.tokens, "cycle": self.cycle,
             "cycles": self.cycles, "appendDate": self.append_date, "customCycleSeconds": self.custom_cycle_seconds,
+            "priority": self.priority,
         }
 
     @classmethod
@@ -54,6 +43,8 @@ class CreditTerms:
             offer_id=data["offerId"], offer_group=data["offerGroup"], tokens=int(data["tokens"]),
             cycle=data["cycle"], cycles=int(data["cycles"]), append_date=bool(data["appendDate"]),
             custom_cycle_seconds=data.get("customCycleSeconds"),
+            # Orders placed before offers had a priority keep the default one.
+            priority=int(data.get("priority", DEFAULT_PRIORITY)),
         )
 
 
@@ -69,16 +60,17 @@ class Period:
 class GroupCredit:
     offer_group: str
     changes: tuple[Movement, ...]
-    expires_at: datetime | None
+    book: Book
     periods: tuple[Period, ...]
     tokens: int
+    lot_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class GroupRevocation:
     offer_group: str
     changes: tuple[Movement, ...]
-    expires_at: datetime | None
+    book: Book
     revoked: int
     shortfall: int
 
@@ -92,7 +84,7 @@ def purchase_terms(offer: Offer, quantity: int, item_offers: Mapping[str, Offer]
     lines = [
         CreditTerms(
             offer.offer_id, offer.offer_group, offer.tokens * quantity, offer.cycle, quantity,
-            offer.append_date, offer.custom_cycle_seconds,
+            offer.append_date, offer.custom_cycle_seconds, offer.priority,
         )
     ]
     for item in offer.combined_items:
@@ -101,53 +93,54 @@ def purchase_terms(offer: Offer, quantity: int, item_offers: Mapping[str, Offer]
         lines.append(
             CreditTerms(
                 item_offer.offer_id, item.offer_group, item_offer.tokens * cycles, item_offer.cycle, cycles,
-                item_offer.append_date, item_offer.custom_cycle_seconds,
+                item_offer.append_date, item_offer.custom_cycle_seconds, item_offer.priority,
             )
         )
     return lines
 
 
-def expire_remainder(group: GroupSnapshot, now: datetime) -> tuple[list[Movement], int]:
-    """An expired group's positive remainder goes first, so old tokens never ride on a new expiry."""
-    if group.is_expired(now) and group.balance > 0:
-        return [Movement(-group.balance, "expire")], 0
-    return [], group.balance
+def lot_id_for(order_id: str, line: int) -> str:
+    """An order's lots are named after it and the purchase line, so a retried payment names the same lots."""
+    return f"{order_id}.{line}"
 
 
-def credit_group(group: GroupSnapshot, lines: Sequence[CreditTerms], now: datetime) -> GroupCredit:
-    """Apply every purchase line that targets this group, in order, to the group as it was read.
+def credit_group(
+    book: Book, lines: Sequence[tuple[int, CreditTerms]], order_id: str, now: datetime,
+) -> GroupCredit:
+    """Add one lot per purchase line (numbered within the order) that targets this group, in order.
 
-    start = now, or with appendDate max(now, the group's current expiry); the group's expiry becomes the
-    later of the old and the new one (None = never, so a purchase never shortens a group); tokens are
-    always added, even to a balance at or below 0.
+    Lots that have expired leave first, each with its own `expire` movement, so old tokens never ride
+    on a new lot. start = now, or with appendDate max(now, the group's expiresAt as it stands); tokens
+    are always added, even to a group at or below 0, and pay its debt first (SPEC 2.4).
     """
-    changes, balance = expire_remainder(group, now)
-    # A group that does not exist yet has no expiry to keep; an existing one with None never expires.
-    current: datetime | None = group.expires_at
-    has_expiry_to_keep = group.exists
+    book, changes = book.expire(now)
     periods: list[Period] = []
+    lot_ids: list[str] = []
     tokens = 0
-    for line in lines:
-        if line.offer_group != group.offer_group:
-            raise ValueError(f"line for {line.offer_group!r} applied to group {group.offer_group!r}")
+    for number, line in lines:
+        if line.offer_group != book.offer_group:
+            raise ValueError(f"line for {line.offer_group!r} applied to group {book.offer_group!r}")
         start = now
-        if line.append_date and has_expiry_to_keep and current is not None:
+        current = book.expires_at
+        if line.append_date and book.has_lots() and current is not None:
             start = max(now, current)
         end = cycle_end(start, line.cycle, line.cycles, line.custom_cycle_seconds)
-        current = later_expiry(current, end) if has_expiry_to_keep else end
-        has_expiry_to_keep = True
-        balance += line.tokens
-        tokens += line.tokens
-        changes.append(Movement(line.tokens, "purchase"))
+        lot_id = lot_id_for(order_id, number)
+        book, movement = book.credit(
+            NewLot(lot_id, "order", line.tokens, start, end, line.priority, order_id=order_id), "purchase")
+        changes.append(movement)
         periods.append(Period(start, end))
-    return GroupCredit(group.offer_group, tuple(changes), current, tuple(periods), tokens)
+        lot_ids.append(lot_id)
+        tokens += line.tokens
+    return GroupCredit(book.offer_group, tuple(changes), book, tuple(periods), tokens, tuple(lot_ids))
 
 
-def group_lines(lines: Sequence[CreditTerms]) -> dict[str, list[CreditTerms]]:
-    """Lines per group, in order: one DynamoDB transaction may touch each balance item only once."""
-    grouped: dict[str, list[CreditTerms]] = {}
-    for line in lines:
-        grouped.setdefault(line.offer_group, []).append(line)
+def group_lines(lines: Sequence[CreditTerms]) -> dict[str, list[tuple[int, CreditTerms]]]:
+    """Lines per group, in order, with their number in the order: one DynamoDB transaction may touch
+    each balance item only once, and each line's lot is named by its number."""
+    grouped: dict[str, list[tuple[int, CreditTerms]]] = {}
+    for number, line in enumerate(lines):
+        grouped.setdefault(line.offer_group, []).append((number, line))
     return grouped
 
 
@@ -159,22 +152,31 @@ def refund_target(tokens: int, amount_refunded: int, amount: int) -> int:
 
 
 def revoke_from_group(
-    group: GroupSnapshot, credited: int, already_revoked: int, amount_refunded: int, amount: int, now: datetime
+    book: Book, credited: int, already_revoked: int, amount_refunded: int, amount: int, now: datetime,
+    own_lots: Sequence[str] = (),
 ) -> GroupRevocation:
-    """Take back this group's share of a refund, never below 0; the rest is recorded as shortfall.
+    """Take back this group's share of a refund: from the order's own lots first, then from the other
+    live lots in spending order, never below 0; the rest is recorded as shortfall.
 
     `already_revoked` counts what earlier refunds of the same order took or recorded as shortfall, so a
-    refund that grows from 25% to 50% takes only the second quarter. An expired remainder is expired
-    first (it is not spendable, so it cannot pay for a refund either).
+    refund that grows from 25% to 50% takes only the second quarter. Expired lots leave first (their
+    tokens are not spendable, so they cannot pay for a refund either). One `refund` movement per lot
+    taken from; the shortfall rides on the last one (or on a movement of 0 when nothing could be taken).
     """
     due = max(0, refund_target(credited, amount_refunded, amount) - already_revoked)
-    changes, balance = expire_remainder(group, now)
+    book, changes = book.expire(now)
     if due == 0:
-        return GroupRevocation(group.offer_group, tuple(changes), group.expires_at, 0, 0)
-    taken = min(due, max(0, balance))
+        return GroupRevocation(book.offer_group, tuple(changes), book, 0, 0)
+    book, takes = book.take(due, first=own_lots)
+    taken = sum(n for _, n in takes)
     shortfall = due - taken
-    changes.append(Movement(-taken, "refund", shortfall=shortfall or None))
-    return GroupRevocation(group.offer_group, tuple(changes), group.expires_at, taken, shortfall)
+    refunds = [Movement(-n, "refund", lot_id) for lot_id, n in takes]
+    if not refunds:
+        refunds = [Movement(0, "refund", own_lots[0] if own_lots else None)]
+    if shortfall:
+        last = refunds[-1]
+        refunds[-1] = Movement(last.delta, last.reason, last.lot_id, shortfall=shortfall)
+    return GroupRevocation(book.offer_group, (*changes, *refunds), book, taken, shortfall)
 
 
 def refund_status(amount_refunded: int, amount: int) -> str:

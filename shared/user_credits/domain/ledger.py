@@ -25,6 +25,7 @@ class LedgerEntry:
     shortfall: int | None = None
     # SPEC 3 entry `note`: a grant's free-text `reason`.
     note: str | None = None
+    lot_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -35,6 +36,8 @@ class LedgerEntry:
             "seq": self.seq,
             "at": to_iso(self.at),
         }
+        if self.lot_id is not None:
+            body["lotId"] = self.lot_id
         if self.order_id is not None:
             body["orderId"] = self.order_id
         if self.idempotency_key is not None:

@@ -81,12 +81,16 @@ class Lot:
 
 @dataclass(frozen=True)
 class Movement:
-    """One ledger entry to be: a signed delta, its reason, the lot it concerns, what a refund could not take."""
+    """One ledger entry to be: a signed delta and its reason, the lot it concerns, what a refund could
+    not take, and where it came from. The store gives it its `seq` and `balanceAfter`."""
 
     delta: int
     reason: str
     lot_id: str | None = None
     shortfall: int | None = None
+    order_id: str | None = None
+    idempotency_key: str | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,14 +187,17 @@ class Book:
         book = replace(self, lots=(*self.lots, lot), debt=self.debt - paid, next_ordinal=self.next_ordinal + 1)
         return book, Movement(new.tokens, reason, lot.lot_id)
 
-    def take(self, tokens: int, first: Sequence[str] = ()) -> tuple[Book, int]:
+    def take(self, tokens: int, first: Sequence[str] = ()) -> tuple[Book, list[tuple[str, int]]]:
         """Take up to `tokens` from the live lots: the lots named in `first`, then the others in spending
-        order. Never below 0 (a debt means every lot is already empty). Returns the book and what was taken.
-        Call after `expire`: only live lots are in the book then."""
+        order. Never below 0 (a debt means every lot is already empty). Returns the book and what was
+        taken from each lot, in the order taken. Call after `expire`: only live lots are in the book then."""
         preferred = [lot for lot_id in first for lot in self.lots if lot.lot_id == lot_id]
         others = sorted((lot for lot in self.lots if lot.lot_id not in first), key=Lot.spending_key)
-        lots, left = self._taken(preferred + others, tokens)
-        return replace(self, lots=lots), tokens - left
+        order = preferred + others
+        lots, _ = self._taken(order, tokens)
+        after = {lot.lot_id: lot.remaining for lot in lots}
+        taken = [(lot.lot_id, lot.remaining - after[lot.lot_id]) for lot in order]
+        return replace(self, lots=lots), [(lot_id, n) for lot_id, n in taken if n]
 
     def _taken(self, order: Sequence[Lot], tokens: int) -> tuple[tuple[Lot, ...], int]:
         """The book's lots after taking `tokens` from them in `order`, and what no lot covered."""

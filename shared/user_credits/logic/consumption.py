@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from user_credits.config import load_settings
 from user_credits.domain.balances import crossed_below
 from user_credits.domain.clock import to_iso, utc_now
-from user_credits.errors import CreditsExpired, InsufficientCredits
+from user_credits.errors import CreditsExpired, InsufficientCredits, ServiceBusy
 from user_credits.events.publisher import publish
+from user_credits.logic import expiry
 from user_credits.observability import count
 from user_credits.store import consumption as store
+from user_credits.store.balances import GroupState
 from user_credits.store.idempotency import request_hash, scoped_key
 
 
@@ -27,26 +30,52 @@ def consume_tokens(
 ) -> ConsumeResult:
     """Consume `tokens`; with an Idempotency-Key a repeat replays the first response instead."""
     now = utc_now()
-    try:
+
+    def decide() -> store.Debit | store.KeyedOutcome:
         if idempotency_key is None:
-            debit = store.debit(user_id, offer_group, tokens, max_overdraft, now)
-        else:
-            outcome = store.debit_once(
-                user_id, offer_group, tokens, max_overdraft, now, idempotency_key,
-                scoped_key(user_id, store.CONSUME_ROUTE, idempotency_key), request_hash(request_body),
-            )
+            return store.debit(user_id, offer_group, tokens, max_overdraft, now)
+        return store.debit_once(
+            user_id, offer_group, tokens, max_overdraft, now, idempotency_key,
+            scoped_key(user_id, store.CONSUME_ROUTE, idempotency_key), request_hash(request_body),
+        )
+
+    try:
+        try:
+            decided = decide()
+        except store.LotsDue as due:
+            _refuse_if_short(due.group, tokens, max_overdraft, now)
+            # It would pass once the due lots are gone: expire them (a rewrite), then decide again.
+            expiry.publish_expiry(expiry.expire_group(user_id, offer_group, now), now)
+            try:
+                decided = decide()
+            except store.LotsDue as again:
+                raise ServiceBusy("the credits of this group are being expired, retry shortly") from again
     except (InsufficientCredits, CreditsExpired):
         count("ConsumeRefusals")
         raise
-    if idempotency_key is not None:
-        if outcome.replay is not None:
-            # A replay changed nothing, so it announces nothing: the first request did.
-            return ConsumeResult(outcome.replay.status_code, outcome.replay.body)
-        assert outcome.debit is not None
-        debit = outcome.debit
+    if isinstance(decided, store.Debit):
+        debit = decided
+    elif decided.replay is not None:
+        # A replay changed nothing, so it announces nothing: the first request did.
+        return ConsumeResult(decided.replay.status_code, decided.replay.body)
+    else:
+        assert decided.debit is not None
+        debit = decided.debit
     count("Consumes")
     announce_low_balance(debit)
     return ConsumeResult(200, debit.receipt())
+
+
+def _refuse_if_short(group: GroupState, tokens: int, max_overdraft: int, now: datetime) -> None:
+    """SPEC 2.5 on the group as the refusal saw it, with its due lots gone: refuse without writing
+    anything (a refusal changes nothing), or return when the consume will pass after the expiry."""
+    book, _ = group.book.expire(now)
+    spendable = book.spendable(now)
+    if spendable - tokens >= -max_overdraft:
+        return
+    if group.book.all_expired(now):
+        raise CreditsExpired("the credits of this group have expired", balance=spendable)
+    raise InsufficientCredits("not enough credits in this group", balance=spendable)
 
 
 def announce_low_balance(debit: store.Debit) -> None:

@@ -8,7 +8,8 @@ import json
 import re
 from typing import Any, Final
 
-from user_credits.domain.balances import Balance
+from user_credits.domain.clock import to_iso, utc_now
+from user_credits.domain.lots import current_book
 from user_credits.domain.orders import PAID_STATUSES
 from user_credits.errors import ValidationFailed
 from user_credits.store import ledger as ledger_store
@@ -20,13 +21,21 @@ LISTED_ORDER_STATUSES = PAID_STATUSES
 
 
 def credits_of(user_id: str) -> dict[str, Any]:
-    """Balances and paid orders from ONE Query of the user's partition of the accounts table."""
+    """Balances, their live lots and paid orders from ONE Query of the user's partition.
+
+    The balance counts live lots only (SPEC 2.5), whether or not the sweep has expired the others yet,
+    and each lot's `remaining` includes every consume so far (the book is burned as it is read).
+    """
+    now = utc_now()
     groups: list[dict[str, Any]] = []
     orders: list[dict[str, Any]] = []
     for record in AccountItem.query(user_id):
         if isinstance(record, BalanceRecord):
-            balance = Balance(user_id, record.offerGroup, int(record.balance), record.expiresAt)
-            groups.append(balance.to_json())
+            book = current_book(record.offerGroup, record.book, int(record.balance))
+            groups.append({
+                "offerGroup": record.offerGroup, "balance": book.spendable(now), "expiresAt": to_iso(book.expires_at),
+                "lots": [lot.to_json() for lot in book.live_lots(now)],
+            })
         elif isinstance(record, OrderRecord) and record.status in LISTED_ORDER_STATUSES:
             orders.append(to_order(record).to_json())
     groups.sort(key=lambda g: g["offerGroup"])

@@ -1,25 +1,25 @@
-"""The expiry sweep (SPEC 2.6): expire what is due, warn what will be due soon.
+"""The expiry sweep (SPEC 2.6): expire the lots that are due, warn about those that soon will be.
 
 Choices (see README, "Expiry sweep"):
-- Only positive balances are expired. A negative balance (overdraft debt) is left as it is at expiry:
-  expiring it would forgive the debt, and the next purchase pays it back anyway.
-- An expired group keeps its old `expiresAt`, so consumption stays refused (SPEC 2.5) and a purchase
-  knows the group had expired.
+- Lots expire one by one: each lot with tokens whose `expiresAt` has passed goes to 0 with an `expire`
+  ledger entry and a `CreditsExpired` event of its own (`lotId`, `expiredTokens`). Debt is never
+  expired (that would forgive it); the next credit pays it back.
 - Each expiry re-reads the group and commits through `stage_group_change` (seq guard): a purchase,
-  refund or grant that changed the group since it was read wins, and the sweep re-reads and decides
-  again; a purchase that extended `expiresAt` leaves nothing due. A second sweep finds balance 0 and
-  changes nothing.
-- Warnings go only to positive balances, once per (user, group, expiresAt): the claim is a conditional
-  write of `warnedFor` (made before the event is sent, so the event is sent at most once).
+  refund, grant or consume that changed the group since it was read wins, and the sweep re-reads and
+  decides again. A second sweep finds nothing due and changes nothing.
+- A group whose stored `nextExp` is stale (its soonest lot was spent by consumes, or has expired with
+  nothing left) is rewritten with the right one, so consumes are not refused for a lot that is gone.
+- Warnings: one `CreditsExpiringSoon` per lot (`lotId`, `expiringTokens`), claimed in the lot's
+  stored `warned` flag by the same guarded rewrite, before the event is sent (so at most once).
 - One group that fails (throttling, a bug) is logged, counted (`SweepFailures`) and reported; the sweep
   goes on with the others. The stored position does not pass a failed entry, so it is retried on the
-  next run (everything after it is re-read then, harmlessly: balances already at 0 are skipped).
-- Expiries read only the index days from the stored position to now (store.expiry), about 2 items per
+  next run (everything after it is re-read then, harmlessly).
+- Expiries read only the index entries from the stored position to now (store.expiry), about 2 items per
   due group: the index entry and the consistent re-read. The position is what makes a backlog drain
-  over several runs; exactly-once comes from the data (seq guard, balance 0 after), so re-reading an
+  over several runs; exactly-once comes from the data (seq guard, nothing due after), so re-reading an
   entry twice is harmless.
-- The warning window is read whole on every run (a group whose expiry moved inside the window must be
-  warned again), so its cost is the groups expiring within the window, once per run.
+- The warning window is read whole on every run (the groups with a lot about to be due), so its cost is
+  the groups with a lot expiring within the window, once per run.
 """
 
 from __future__ import annotations
@@ -33,21 +33,19 @@ from typing import Any
 from pynamodb.transactions import TransactWrite
 
 from user_credits.domain.clock import to_iso
-from user_credits.domain.crediting import GroupSnapshot, expire_remainder
+from user_credits.domain.lots import Lot, Movement
 from user_credits.events.publisher import publish
 from user_credits.observability import count, logger
-from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
+from user_credits.store.balances import GroupState, read_group, stage_group_change
 from user_credits.store.expiry import (
+    DueEntry,
     Progress,
-    claim_warning,
-    day_position,
     index_entries,
     load_progress,
     position_before,
     position_through,
     save_progress,
 )
-from user_credits.store.models import BalanceRecord
 from user_credits.store.transactions import commit, optimistic
 
 # Lambda time left (ms) below which the sweep stops taking new groups: more than one group's worst case
@@ -58,10 +56,6 @@ MIN_SAFETY_MS = 500
 # The position stored trails `now` by this much, so an index entry that reached the GSI late (it is
 # eventually consistent) or a group written with an expiry just behind `now` is still seen next run.
 SETTLE = timedelta(seconds=15)
-# With no stored position (first run, or after the clock went back), the sweep starts this far back;
-# the empty days on the way cost one small probe each (see store.expiry.index_entries). A year and a
-# month: what expired before the sweep first ran on a table (data brought in from elsewhere).
-FIRST_RUN_LOOKBACK = timedelta(days=400)
 # Store the position every so many entries, so a crash (not a clean stop) repeats little work.
 SAVE_EVERY = 200
 # Due groups are expired this many at a time, side by side: each is a few round trips that wait on the
@@ -97,7 +91,7 @@ class Failure:
 
 @dataclass
 class PassReport:
-    changed: int = 0  # groups expired, or warnings sent
+    changed: int = 0  # lots expired, or warnings sent
     examined: int = 0  # index entries looked at
     failures: list[Failure] = field(default_factory=list)
     complete: bool = True  # False when the time limit stopped the pass
@@ -118,53 +112,79 @@ class SweepSummary:
         }
 
 
-def expiry_drafts(state: GroupState, now: datetime) -> list[EntryDraft]:
-    """SPEC 2.6 with the rule purchases and grants apply first: a due group's positive remainder goes."""
-    snapshot = GroupSnapshot(state.offer_group, state.balance, state.expires_at, state.exists)
-    changes, _ = expire_remainder(snapshot, now)
-    return [EntryDraft(change.delta, change.reason) for change in changes]
+@dataclass(frozen=True)
+class Expiry:
+    """What one group's expiry rewrite did: the group before and after, and one movement per lot."""
+
+    before: GroupState
+    after: GroupState
+    movements: tuple[Movement, ...]
+
+    def events(self, now: datetime) -> list[tuple[str, dict[str, Any]]]:
+        """One CreditsExpired per lot that lost tokens."""
+        lots = {lot.lot_id: lot for lot in self.before.book.lots}
+        return [("CreditsExpired", {
+            "userId": self.before.user_id, "offerGroup": self.before.offer_group,
+            "balance": self.after.book.spendable(now), "expiresAt": to_iso(lots[str(m.lot_id)].expires_at),
+            "lotId": m.lot_id, "expiredTokens": -m.delta,
+        }) for m in self.movements]
 
 
-def needs_warning(record: BalanceRecord, now: datetime, window: timedelta) -> bool:
-    """From the (eventually consistent) index copy; the claim re-checks all of it in its condition."""
-    expires_at = record.expiresAt
-    return (
-        expires_at is not None
-        and now < expires_at <= now + window
-        and int(record.balance) > 0
-        and record.warnedFor != expires_at
-    )
+def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None:
+    """Expire the group's due lots (and correct a stale nextExp); None when nothing needed doing."""
 
-
-def expire_group(user_id: str, offer_group: str, now: datetime) -> GroupState | None:
-    """Set a due, positive group to 0 with an `expire` ledger entry; the state before, or None."""
-
-    def attempt() -> GroupState | None:
+    def attempt() -> Expiry | None:
         state = read_group(user_id, offer_group)
-        drafts = expiry_drafts(state, now)
-        if not drafts:
+        if not state.exists:
             return None
+        book, movements = state.book.expire(now)
+        if not movements and book == state.book and state.stored_next_expiry == book.next_expiry:
+            return None
+        after: list[GroupState] = []
 
         def build(tx: TransactWrite) -> None:
-            # The old expiresAt stays: the group remains expired, so consumption stays refused.
-            stage_group_change(tx, state, drafts, state.expires_at, now)
+            after.append(stage_group_change(tx, state, movements, book, now)[0])
 
         commit(build)
-        return state
+        return Expiry(state, after[0], tuple(movements))
 
     return optimistic(attempt)
 
 
-def _expire_entry(record: BalanceRecord, now: datetime) -> GroupState | Exception | None:
+def publish_expiry(expiry: Expiry | None, now: datetime) -> None:
+    if expiry is None:
+        return
+    for detail_type, detail in expiry.events(now):
+        publish(detail_type, detail)
+
+
+def warn_group(user_id: str, offer_group: str, now: datetime, window_end: datetime) -> tuple[GroupState, list[Lot]]:
+    """Claim the warnings of the group's lots that expire within (now, window_end]; the lots claimed."""
+
+    def attempt() -> tuple[GroupState, list[Lot]]:
+        state = read_group(user_id, offer_group)
+        book = state.book.claim_warnings(now, window_end)
+        if not book.warnings:
+            return state, []
+        def build(tx: TransactWrite) -> None:
+            stage_group_change(tx, state, [], book, now)
+
+        commit(build)
+        return state, list(book.warnings)
+
+    return optimistic(attempt)
+
+
+def _expire_entry(entry: DueEntry, now: datetime) -> Expiry | Exception | None:
     """`expire_group` for a worker thread: an unexpected error is returned, to be reported in order."""
     try:
-        return expire_group(record.userId, record.offerGroup, now)
+        return expire_group(entry.user_id, entry.offer_group, now)
     except Exception as error:
         return error
 
 
-def _batches(entries: Iterator[BalanceRecord], size: int) -> Iterator[list[BalanceRecord]]:
-    batch: list[BalanceRecord] = []
+def _batches(entries: Iterator[DueEntry], size: int) -> Iterator[list[DueEntry]]:
+    batch: list[DueEntry] = []
     for entry in entries:
         batch.append(entry)
         if len(batch) == size:
@@ -174,11 +194,11 @@ def _batches(entries: Iterator[BalanceRecord], size: int) -> Iterator[list[Balan
         yield batch
 
 
-def _failure(record: BalanceRecord, stage: str, error: Exception) -> Failure:
+def _failure(entry: DueEntry, stage: str, error: Exception) -> Failure:
     logger.error("sweep failed on one group", exc_info=error, extra={
-        "userId": record.userId, "offerGroup": record.offerGroup, "stage": stage})
+        "userId": entry.user_id, "offerGroup": entry.offer_group, "stage": stage})
     count("SweepFailures")
-    return Failure(record.userId, record.offerGroup, stage, f"{type(error).__name__}: {error}")
+    return Failure(entry.user_id, entry.offer_group, stage, f"{type(error).__name__}: {error}")
 
 
 def _start_position(progress: Progress, now: datetime) -> tuple[str, bool]:
@@ -186,12 +206,13 @@ def _start_position(progress: Progress, now: datetime) -> tuple[str, bool]:
     if progress.cursor is not None and progress.cursor <= position_through(now):
         return progress.cursor, False
     # No position yet, or one ahead of our clock: only a clock that went back (time travel in tests)
-    # leaves that; re-reading a while back is safe because an expired group has balance 0.
-    return day_position(now - FIRST_RUN_LOOKBACK), progress.cursor is not None
+    # leaves that. Start from the beginning of the index: it holds only groups with a lot still to
+    # expire, so this costs what is due, and re-reading an entry is harmless (nothing due after).
+    return "", progress.cursor is not None
 
 
-def expire_due_groups(now: datetime, deadline: Deadline) -> PassReport:
-    """Expire every group due at `now` after the stored position; store how far it got."""
+def expire_due_lots(now: datetime, deadline: Deadline) -> PassReport:
+    """Expire every lot due at `now` in the groups after the stored position; store how far it got."""
     report = PassReport()
     progress = load_progress()
     start, rewound = _start_position(progress, now)
@@ -224,20 +245,17 @@ def expire_due_groups(now: datetime, deadline: Deadline) -> PassReport:
             report.examined += len(batch)
             since_save += len(batch)
             # Entries later in the current second are not due yet: left for the next run.
-            due = [r for r in batch if r.expiresAt is not None and r.expiresAt <= now]
-            for record, outcome in zip(due, pool.map(lambda r: _expire_entry(r, now), due), strict=True):
+            due = [entry for entry in batch if entry.due_at <= now]
+            for entry, outcome in zip(due, pool.map(lambda e: _expire_entry(e, now), due), strict=True):
                 if isinstance(outcome, Exception):
-                    report.failures.append(_failure(record, "expire", outcome))
+                    report.failures.append(_failure(entry, "expire", outcome))
                     blocked = True
                     continue
                 if not blocked:
-                    reached = record.expirySort
-                if outcome is not None:
-                    report.changed += 1
-                    publish("CreditsExpired", {
-                        "userId": outcome.user_id, "offerGroup": outcome.offer_group, "balance": 0,
-                        "expiresAt": to_iso(outcome.expires_at), "expiredTokens": outcome.balance,
-                    })
+                    reached = entry.sort_key
+                if outcome is not None and outcome.movements:
+                    report.changed += len(outcome.movements)
+                    publish_expiry(outcome, now)
             if since_save >= SAVE_EVERY:
                 saved, since_save = store(reached), 0
         else:
@@ -245,15 +263,14 @@ def expire_due_groups(now: datetime, deadline: Deadline) -> PassReport:
                 reached = through
     store(reached)
     if report.changed:
-        count("GroupsExpired", report.changed)
+        count("LotsExpired", report.changed)
     return report
 
 
-def warn_expiring_groups(now: datetime, window: timedelta, deadline: Deadline) -> PassReport:
-    """One `CreditsExpiringSoon` per (user, group, expiresAt) for positive groups expiring within `window`.
+def warn_expiring_lots(now: datetime, window: timedelta, deadline: Deadline) -> PassReport:
+    """One `CreditsExpiringSoon` per lot with tokens expiring within `window` (SPEC 2.6).
 
-    The whole window is read on every run (it is the set of groups about to be due), so a group whose
-    expiry moved within the window is warned again for its new expiresAt.
+    The whole window is read on every run: it is the set of groups with a lot about to be due.
     """
     report = PassReport()
     if window <= timedelta(0):
@@ -261,32 +278,32 @@ def warn_expiring_groups(now: datetime, window: timedelta, deadline: Deadline) -
     if deadline.reached():
         report.complete = False
         return report
-    for record in index_entries(position_before(now), position_through(now + window)):
+    window_end = now + window
+    for entry in index_entries(position_before(now), position_through(window_end)):
         if deadline.reached():
             report.complete = False
             break
         report.examined += 1
-        if not needs_warning(record, now, window):
+        if not now < entry.due_at <= window_end:
             continue
         try:
-            claimed = claim_warning(record.userId, record.offerGroup, record.expiresAt)
+            state, lots = warn_group(entry.user_id, entry.offer_group, now, window_end)
         except Exception as error:
-            report.failures.append(_failure(record, "warn", error))
+            report.failures.append(_failure(entry, "warn", error))
             continue
-        if claimed is None:
-            continue  # already warned by a concurrent run, or the group changed since the index copy
-        report.changed += 1
-        publish("CreditsExpiringSoon", {
-            "userId": claimed.userId, "offerGroup": claimed.offerGroup, "balance": int(claimed.balance),
-            "expiresAt": to_iso(claimed.expiresAt),
-        })
+        for lot in lots:
+            report.changed += 1
+            publish("CreditsExpiringSoon", {
+                "userId": state.user_id, "offerGroup": state.offer_group, "balance": state.book.spendable(now),
+                "expiresAt": to_iso(lot.expires_at), "lotId": lot.lot_id, "expiringTokens": lot.remaining,
+            })
     return report
 
 
 def run_sweep(now: datetime, deadline: Deadline, warn_before_expiry_seconds: int) -> SweepSummary:
     """The scheduled sweep: expiries first (they change balances), then warnings while time remains."""
-    expiry = expire_due_groups(now, deadline)
-    warning = warn_expiring_groups(now, timedelta(seconds=warn_before_expiry_seconds), deadline)
+    expiry = expire_due_lots(now, deadline)
+    warning = warn_expiring_lots(now, timedelta(seconds=warn_before_expiry_seconds), deadline)
     summary = SweepSummary(expiry, warning)
     logger.info("expiry sweep", extra={"summary": summary.to_json()})
     return summary

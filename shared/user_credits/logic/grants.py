@@ -1,30 +1,29 @@
 """Admin grants: promotional or corrective credits (ledger reason `grant`), idempotent with a key.
 
 Rules (documented in README):
-- A positive grant adds tokens. With `expiresAt` the group's expiry becomes the later of the old and
-  the new (null = never), as for a purchase: a grant never shortens a group. Without `expiresAt`
-  the group keeps its expiry (a new group never expires).
-- A grant into an expired group first expires the remainder (an `expire` entry), then the group
-  starts afresh with the grant's `expiresAt` (null = never).
-- A negative (corrective) grant never takes the balance below 0 (402 insufficient_credits with the
-  balance), never changes the expiry (so `expiresAt` is refused with it), and cannot correct an
-  expired group (402 credits_expired: the sweep zeroes it).
+- A positive grant is a lot of its own (SPEC 1): its `expiresAt` (null = never) and `priority`
+  (default 50) are the lot's. Like a purchase, it never shortens the group, and lots already expired
+  leave first, each with its own `expire` entry.
+- A negative (corrective) grant is no lot: it is taken from the live lots in spending order, never
+  takes the balance below 0 (402 insufficient_credits with the balance), never sets an expiry or a
+  priority (refused with it), and cannot correct a group whose lots have all expired (402
+  credits_expired: the sweep zeroes it).
 - `expiresAt` must be in the future: a grant that is already expired is a mistake.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from user_credits.domain.clock import to_iso, utc_now
-from user_credits.domain.crediting import GroupSnapshot, expire_remainder
-from user_credits.domain.durations import later_expiry
+from user_credits.domain.lots import DEFAULT_PRIORITY, Book, Movement, NewLot
 from user_credits.errors import CreditsExpired, InsufficientCredits, ValidationFailed
 from user_credits.events.publisher import publish
 from user_credits.observability import count
-from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
+from user_credits.store.balances import GroupState, read_group, stage_group_change
 from user_credits.store.idempotency import lookup, request_hash, scoped_key, stage_record
 from user_credits.store.transactions import commit, optimistic
 
@@ -38,39 +37,45 @@ class GrantResult:
     fresh: bool
 
 
+@dataclass(frozen=True)
+class GrantPlan:
+    movements: list[Movement]
+    book: Book
+    lot_id: str | None
+
+
 def plan_grant(
     before: GroupState, tokens: int, expires_at: datetime | None, key: str | None, now: datetime,
-    note: str | None = None,
-) -> tuple[list[EntryDraft], datetime | None]:
-    """The ledger drafts and the group's new expiry, or a refusal (pure: no I/O)."""
+    note: str | None = None, priority: int | None = None,
+) -> GrantPlan:
+    """The movements and the book after, or a refusal (pure: no I/O)."""
     if expires_at is not None and expires_at <= now:
         raise ValidationFailed("expiresAt must be in the future")
-    expired = before.exists and before.expires_at is not None and before.expires_at <= now
     if tokens < 0:
         if expires_at is not None:
             raise ValidationFailed("a negative grant cannot set expiresAt")
-        if expired:
-            raise CreditsExpired("the credits of this group have expired", balance=before.balance)
-        if before.balance + tokens < 0:
-            raise InsufficientCredits("a corrective grant cannot take the balance below 0", balance=before.balance)
-        return [EntryDraft(tokens, "grant", idempotency_key=key, note=note)], before.expires_at
-    # The same rule as a purchase: an expired group's remainder goes first, on its own ledger entry.
-    snapshot = GroupSnapshot(before.offer_group, before.balance, before.expires_at, before.exists)
-    remainder, _ = expire_remainder(snapshot, now)
-    drafts = [EntryDraft(change.delta, change.reason) for change in remainder]
-    if expired or not before.exists:
-        new_expiry = expires_at
-    elif expires_at is None:
-        new_expiry = before.expires_at
-    else:
-        new_expiry = later_expiry(before.expires_at, expires_at)
-    drafts.append(EntryDraft(tokens, "grant", idempotency_key=key, note=note))
-    return drafts, new_expiry
+        if priority is not None:
+            raise ValidationFailed("a negative grant is no lot, so it cannot set priority")
+        spendable = before.book.spendable(now)
+        if before.book.all_expired(now):
+            raise CreditsExpired("the credits of this group have expired", balance=spendable)
+        if spendable + tokens < 0:
+            raise InsufficientCredits("a corrective grant cannot take the balance below 0", balance=spendable)
+        book, movements = before.book.expire(now)
+        book, _ = book.take(-tokens)
+        movements.append(Movement(tokens, "grant", idempotency_key=key, note=note))
+        return GrantPlan(movements, book, None)
+    book, movements = before.book.expire(now)
+    lot_id = f"grant-{uuid.uuid4().hex}"
+    new = NewLot(lot_id, "grant", tokens, now, expires_at, DEFAULT_PRIORITY if priority is None else priority)
+    book, movement = book.credit(new, "grant")
+    movements.append(replace(movement, idempotency_key=key, note=note))
+    return GrantPlan(movements, book, lot_id)
 
 
 def grant_credits(
-    user_id: str, offer_group: str, tokens: int, expires_at: datetime | None, note: str | None, key: str | None,
-    request_body: dict[str, Any],
+    user_id: str, offer_group: str, tokens: int, expires_at: datetime | None, note: str | None,
+    priority: int | None, key: str | None, request_body: dict[str, Any],
 ) -> GrantResult:
     """Grant (or correct) credits; the request's free-text `reason` is the ledger entry's `note` and
     travels in the CreditsGranted event."""
@@ -86,13 +91,13 @@ def grant_credits(
                 return GrantResult(stored.status_code, stored.body, fresh=False)
         now = utc_now()
         before = read_group(user_id, offer_group)
-        drafts, new_expiry = plan_grant(before, tokens, expires_at, key, now, note)
+        plan = plan_grant(before, tokens, expires_at, key, now, note, priority)
         body: dict[str, Any] = {}
 
         def build(tx: Any) -> None:
-            after, _ = stage_group_change(tx, before, drafts, new_expiry, now)
-            body.update({"userId": user_id, "offerGroup": offer_group, "balance": after.balance,
-                         "expiresAt": to_iso(after.expires_at)})
+            after, _ = stage_group_change(tx, before, plan.movements, plan.book, now)
+            body.update({"userId": user_id, "offerGroup": offer_group, "balance": after.book.spendable(now),
+                         "expiresAt": to_iso(after.expires_at), "lotId": plan.lot_id})
             if record_key is not None:
                 stage_record(tx, record_key, body_hash, 201, dict(body), now)
 

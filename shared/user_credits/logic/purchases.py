@@ -25,14 +25,13 @@ from user_credits.domain.crediting import (
     CreditTerms,
     GroupCredit,
     GroupRevocation,
-    GroupSnapshot,
     credit_group,
     group_lines,
     purchase_terms,
     refund_status,
     revoke_from_group,
 )
-from user_credits.domain.lots import Movement
+from user_credits.domain.lots import Book, Movement
 from user_credits.domain.offers import Offer, is_visible
 from user_credits.domain.orders import PAID_STATUSES, Order, holdings_from_orders
 from user_credits.errors import (
@@ -52,7 +51,7 @@ from user_credits.payments.webhooks import StripeEvent, verify_event
 from user_credits.store import idempotency
 from user_credits.store import offers as offer_store
 from user_credits.store import orders as order_store
-from user_credits.store.balances import EntryDraft, GroupState, read_group, stage_group_change
+from user_credits.store.balances import GroupState, read_group, stage_group_change
 from user_credits.store.models import OrderRecord
 from user_credits.store.transactions import StaleRead, commit, optimistic
 
@@ -181,7 +180,7 @@ def _create_free_order(
             if stored is not None:
                 return stored.status_code, stored.body, []
         now = utc_now()
-        plan = plan_credit(order.user_id, lines, now)
+        plan = plan_credit(order.user_id, order.order_id, lines, now)
         paid = plan.paid_order(order)
         response = {"order": paid.to_json()}
         record = order_store.new_order_record(paid, credits=plan.credits_json(), offer_snapshot=snapshot)
@@ -218,14 +217,12 @@ class CreditResult:
     tokens: int
     balance: int
     expires_at: datetime | None
+    lot_ids: tuple[str, ...] = ()
 
 
-def _snapshot_of(state: GroupState) -> GroupSnapshot:
-    return GroupSnapshot(state.offer_group, state.balance, state.expires_at, state.exists)
-
-
-def _drafts(changes: Sequence[Movement], order_id: str) -> list[EntryDraft]:
-    return [EntryDraft(c.delta, c.reason, order_id=order_id, shortfall=c.shortfall) for c in changes]
+def _from_order(changes: Sequence[Movement], order_id: str) -> list[Movement]:
+    """The order's own movements name it; the expiry of some other lot on the way does not."""
+    return [change if change.reason == "expire" else replace(change, order_id=order_id) for change in changes]
 
 
 @dataclass(frozen=True)
@@ -240,27 +237,36 @@ class CreditPlan:
         return replace(order, status="paid", starts_at=main.starts_at, expires_at=main.expires_at)
 
     def credits_json(self) -> list[dict[str, Any]]:
-        return [{"offerGroup": credit.offer_group, "tokens": credit.tokens, "revoked": 0} for _, credit in self.groups]
+        return [{"offerGroup": credit.offer_group, "tokens": credit.tokens, "revoked": 0,
+                 "lots": list(credit.lot_ids)} for _, credit in self.groups]
+
+    def books(self) -> dict[str, Book]:
+        """Each group's book once the payment is in (what a refund that came first applies to)."""
+        return {credit.offer_group: credit.book for _, credit in self.groups}
 
     def stage(
-        self, tx: TransactWrite, order_id: str, now: datetime,
-        more: Mapping[str, Sequence[Movement]] | None = None,
+        self, tx: TransactWrite, order_id: str, now: datetime, refund: RefundPlan | None = None,
     ) -> list[CreditResult]:
-        """Stage each group's credit; `more` adds changes per group (a refund that came first)."""
+        """Stage each group's credit; `refund` (one that came before the payment) adds its changes."""
         results = []
         for state, credit in self.groups:
-            changes = [*credit.changes, *(more or {}).get(credit.offer_group, ())]
-            after, _ = stage_group_change(tx, state, _drafts(changes, order_id), credit.expires_at, now)
-            results.append(CreditResult(credit.offer_group, credit.tokens, after.balance, after.expires_at))
+            changes, book = list(credit.changes), credit.book
+            revocation = None if refund is None else refund.revocations.get(credit.offer_group)
+            if revocation is not None:
+                changes.extend(revocation.changes)
+                book = revocation.book
+            after, _ = stage_group_change(tx, state, _from_order(changes, order_id), book, now)
+            results.append(CreditResult(credit.offer_group, credit.tokens, after.book.spendable(now),
+                                        after.expires_at, credit.lot_ids))
         return results
 
 
-def plan_credit(user_id: str, lines: Sequence[CreditTerms], now: datetime) -> CreditPlan:
-    """Read each group once and apply all of the order's lines for it (SPEC 2.4)."""
+def plan_credit(user_id: str, order_id: str, lines: Sequence[CreditTerms], now: datetime) -> CreditPlan:
+    """Read each group once and add a lot per order line for it (SPEC 2.4)."""
     groups = []
     for offer_group, group_terms in group_lines(lines).items():
         state = read_group(user_id, offer_group)
-        groups.append((state, credit_group(_snapshot_of(state), group_terms, now)))
+        groups.append((state, credit_group(state.book, group_terms, order_id, now)))
     return CreditPlan(tuple(groups))
 
 
@@ -268,7 +274,7 @@ def _granted_events(user_id: str, order_id: str, results: Sequence[CreditResult]
     """One CreditsGranted per credited group, to be sent after the commit."""
     return [("CreditsGranted", {
         "userId": user_id, "offerGroup": r.offer_group, "balance": r.balance,
-        "expiresAt": to_iso(r.expires_at), "orderId": order_id, "tokens": r.tokens,
+        "expiresAt": to_iso(r.expires_at), "orderId": order_id, "tokens": r.tokens, "lotIds": list(r.lot_ids),
     }) for r in results]
 
 
@@ -374,22 +380,22 @@ def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
         if problem is not None:
             return _mark_inconsistent(record, event, problem, now)
         order = order_store.to_order(record)
-        plan = plan_credit(user_id, _order_lines(record), now)
+        plan = plan_credit(user_id, order_id, _order_lines(record), now)
         paid = plan.paid_order(order)
         refund = _early_refund(record, plan, now)
         period = [_set_or_remove(OrderRecord.startsAt, paid.starts_at),
                   _set_or_remove(OrderRecord.expiresAt, paid.expires_at)]
         if refund is None:
-            action, more = "paid", None
+            action = "paid"
             order_actions = [OrderRecord.status.set("paid"), OrderRecord.credits.set(plan.credits_json()), *period]
         else:
-            action, more = refund.status, refund.changes()
+            action = refund.status
             order_actions = [*refund.order_actions(0), OrderRecord.pendingRefund.remove(), *period]
         results: list[CreditResult] = []
 
         def build(tx: TransactWrite) -> None:
             order_store.stage_order_update(tx, record, order_actions)
-            results.extend(plan.stage(tx, order_id, now, more))
+            results.extend(plan.stage(tx, order_id, now, refund))
             _stage_event_record(tx, event, order_id, "paid", now)
 
         commit(build)
@@ -416,21 +422,20 @@ class RefundPlan:
             OrderRecord.credits.set(self.credits),
         ]
 
-    def changes(self) -> dict[str, tuple[Movement, ...]]:
-        return {group: revocation.changes for group, revocation in self.revocations.items()}
-
 
 def plan_refund(
-    credits: Sequence[Mapping[str, Any]], groups: Mapping[str, GroupSnapshot], refunded: int, amount: int,
+    credits: Sequence[Mapping[str, Any]], books: Mapping[str, Book], refunded: int, amount: int,
     now: datetime,
 ) -> RefundPlan:
-    """Each credited group gives back its share of `refunded`, less what it already gave (SPEC 2.4)."""
+    """Each credited group gives back its share of `refunded`, less what it already gave, from the
+    order's own lots first (SPEC 2.4)."""
     updated = [dict(credit) for credit in credits]
     revocations: dict[str, GroupRevocation] = {}
     accounted = 0
     for credit in updated:
         group, already = credit["offerGroup"], int(credit.get("revoked", 0))
-        revocation = revoke_from_group(groups[group], int(credit["tokens"]), already, refunded, amount, now)
+        revocation = revoke_from_group(books[group], int(credit["tokens"]), already, refunded, amount, now,
+                                       own_lots=credit.get("lots", ()))
         credit["revoked"] = already + revocation.revoked + revocation.shortfall
         accounted += revocation.revoked + revocation.shortfall
         revocations[group] = revocation
@@ -443,12 +448,7 @@ def _early_refund(record: OrderRecord, plan: CreditPlan, now: datetime) -> Refun
     refunded = min(int(record.pendingRefund or 0), int(record.amount))
     if refunded <= 0:
         return None
-    credited = {
-        credit.offer_group: GroupSnapshot(
-            credit.offer_group, state.balance + sum(c.delta for c in credit.changes), credit.expires_at, True)
-        for state, credit in plan.groups
-    }
-    return plan_refund(plan.credits_json(), credited, refunded, int(record.amount), now)
+    return plan_refund(plan.credits_json(), plan.books(), refunded, int(record.amount), now)
 
 
 def _set_or_remove(attribute: UTCDateTimeAttribute, value: datetime | None) -> Action:
@@ -466,7 +466,7 @@ def _mark_inconsistent(record: OrderRecord, event: StripeEvent, problem: str, no
     logger.error("inconsistent payment", extra={"order_id": record.orderId, "problem": problem})
     outcome = WebhookOutcome("inconsistent", record.orderId)
     outcome.after_commit = [("PaymentInconsistent", {
-        "userId": record.userId, "offerGroup": record.offerGroup, "balance": group.balance,
+        "userId": record.userId, "offerGroup": record.offerGroup, "balance": group.book.spendable(now),
         "expiresAt": to_iso(group.expires_at), "orderId": record.orderId, "problem": problem,
         "expected": {"amount": int(record.amount), "currency": record.currency},
         "received": {"amount": event.integer("amount_received"), "currency": event.text("currency"),
@@ -530,14 +530,14 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
         now = utc_now()
         credits = record.credits or []
         states = {credit["offerGroup"]: read_group(user_id, credit["offerGroup"]) for credit in credits}
-        refund = plan_refund(credits, {g: _snapshot_of(s) for g, s in states.items()}, refunded_now, amount, now)
+        refund = plan_refund(credits, {g: s.book for g, s in states.items()}, refunded_now, amount, now)
 
         def build(tx: TransactWrite) -> None:
             order_store.stage_order_update(tx, record, refund.order_actions(int(record.revokedTokens or 0)))
             for group, revocation in refund.revocations.items():
                 if revocation.changes:
-                    stage_group_change(tx, states[group], _drafts(revocation.changes, order_id),
-                                       revocation.expires_at, now)
+                    stage_group_change(tx, states[group], _from_order(revocation.changes, order_id),
+                                       revocation.book, now)
             _stage_event_record(tx, event, order_id, refund.status, now)
 
         commit(build)

@@ -1,63 +1,62 @@
 """Balance items (`GROUP#<group>`) and the one way a read-then-write path changes them.
 
-`read_group` takes a consistent snapshot; `stage_group_change` adds to a transaction the balance update
-(conditioned on the `seq` that was read) and one ledger item per entry, with exact `balanceAfter`
-values. If anything changed the group in between, the whole transaction fails and the caller
-re-reads (see `transactions.optimistic`).
+`read_group` takes a consistent snapshot, with the group's book brought up to date (the consumes since
+the last rewrite burned in spending order, see `domain.lots`). `stage_group_change` adds to a
+transaction the balance update (conditioned on the `seq` that was read), the new book, and one ledger
+item per movement with exact `balanceAfter` values. If anything changed the group in between, the whole
+transaction fails and the caller re-reads (see `transactions.optimistic`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Final
 
 from pynamodb.expressions.operand import Path
 from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
-from user_credits.domain.balances import Balance
 from user_credits.domain.clock import to_iso
 from user_credits.domain.ledger import LedgerEntry
-from user_credits.store.ledger import expiry_bucket, ledger_record
+from user_credits.domain.lots import Book, Movement, current_book
+from user_credits.store.ledger import ledger_record
 from user_credits.store.models import BalanceRecord, LedgerRecord, group_sk
+
+# Partition keys of the byDue index: what falls due at one moment spreads over all of them.
+DUE_SHARDS: Final = 16
 
 
 @dataclass(frozen=True)
 class GroupState:
+    """One user's group as read: the stored balance and sequence, and the book as of now."""
+
     user_id: str
     offer_group: str
+    book: Book
     balance: int = 0
-    expires_at: datetime | None = None
     seq: int = 0
     exists: bool = False
-    warned_for: datetime | None = None
+    # What the item says: a group whose stored nextExp is stale is rewritten by the sweep.
+    stored_next_expiry: datetime | None = None
 
-    def as_balance(self) -> Balance:
-        return Balance(self.user_id, self.offer_group, self.balance, self.expires_at)
-
-
-@dataclass(frozen=True)
-class EntryDraft:
-    """A ledger entry before it has a sequence number and a balanceAfter."""
-
-    delta: int
-    reason: str
-    order_id: str | None = None
-    idempotency_key: str | None = None
-    shortfall: int | None = None
-    note: str | None = None
+    @property
+    def expires_at(self) -> datetime | None:
+        return self.book.expires_at
 
 
 def to_state(record: BalanceRecord) -> GroupState:
+    balance = int(record.balance)
     return GroupState(
         user_id=record.userId,
         offer_group=record.offerGroup,
-        balance=int(record.balance),
-        expires_at=record.expiresAt,
+        balance=balance,
         seq=int(record.seq),
         exists=True,
-        warned_for=record.warnedFor,
+        book=current_book(record.offerGroup, record.book, balance),
+        stored_next_expiry=record.nextExp,
     )
 
 
@@ -65,42 +64,63 @@ def read_group(user_id: str, offer_group: str) -> GroupState:
     try:
         record = BalanceRecord.get(user_id, group_sk(offer_group), consistent_read=True)
     except BalanceRecord.DoesNotExist:
-        return GroupState(user_id, offer_group)
+        return GroupState(user_id, offer_group, Book(offer_group))
     return to_state(record)
 
 
-def expiry_index_actions(user_id: str, offer_group: str, expires_at: datetime | None) -> list[Action]:
-    """Keep the sparse expiry index in step with expiresAt: present iff the group expires."""
-    if expires_at is None:
-        return [BalanceRecord.expiryBucket.remove(), BalanceRecord.expirySort.remove()]
+def due_shard(user_id: str, offer_group: str) -> str:
+    digest = hashlib.sha256(f"{user_id}#{offer_group}".encode()).digest()
+    return f"due#{int.from_bytes(digest[:4], 'big') % DUE_SHARDS:02d}"
+
+
+def due_shards() -> list[str]:
+    return [f"due#{n:02d}" for n in range(DUE_SHARDS)]
+
+
+def due_sort(user_id: str, offer_group: str, moment: datetime) -> str:
+    return f"{to_iso(moment)}#{user_id}#{offer_group}"
+
+
+def due_index_actions(user_id: str, offer_group: str, next_expiry: datetime | None) -> list[Action]:
+    """Keep the sparse due index in step with nextExp: present iff a lot with tokens expires."""
+    if next_expiry is None:
+        return [BalanceRecord.nextExp.remove(), BalanceRecord.dueShard.remove(), BalanceRecord.dueSort.remove()]
     return [
-        BalanceRecord.expiryBucket.set(expiry_bucket(expires_at)),
-        BalanceRecord.expirySort.set(f"{to_iso(expires_at)}#{user_id}#{offer_group}"),
+        BalanceRecord.nextExp.set(next_expiry),
+        BalanceRecord.dueShard.set(due_shard(user_id, offer_group)),
+        BalanceRecord.dueSort.set(due_sort(user_id, offer_group, next_expiry)),
     ]
 
 
 def stage_group_change(
     tx: TransactWrite,
     before: GroupState,
-    drafts: Sequence[EntryDraft],
-    expires_at: datetime | None,
+    movements: Sequence[Movement],
+    book: Book,
     at: datetime,
 ) -> tuple[GroupState, list[LedgerEntry]]:
-    """Add the balance write and its ledger items to `tx`; returns the state after and the entries."""
+    """Add the balance write, the book and the ledger items to `tx`; returns the state after and the entries.
+
+    `book` is `before.book` with the movements applied; the two must agree, or this is a bug.
+    """
     balance, seq = before.balance, before.seq
     entries: list[LedgerEntry] = []
-    for draft in drafts:
-        balance += draft.delta
+    for movement in movements:
+        balance += movement.delta
         seq += 1
         entries.append(
             LedgerEntry(
-                user_id=before.user_id, offer_group=before.offer_group, delta=draft.delta, balance_after=balance,
-                reason=draft.reason, at=at, seq=seq, order_id=draft.order_id,
-                idempotency_key=draft.idempotency_key, shortfall=draft.shortfall, note=draft.note,
+                user_id=before.user_id, offer_group=before.offer_group, delta=movement.delta, balance_after=balance,
+                reason=movement.reason, at=at, seq=seq, order_id=movement.order_id,
+                idempotency_key=movement.idempotency_key, shortfall=movement.shortfall, note=movement.note,
+                lot_id=movement.lot_id,
             )
         )
-    after = replace(before, balance=balance, seq=seq, expires_at=expires_at, exists=True)
+    if book.total != balance:
+        raise AssertionError(f"book total {book.total} != balance {balance} for {before.offer_group!r}")
+    after = replace(before, balance=balance, seq=seq, exists=True, book=book, stored_next_expiry=book.next_expiry)
     key = BalanceRecord(before.user_id, group_sk(before.offer_group))
+    expires_at = book.expires_at
     actions: list[Action] = [
         BalanceRecord.offerGroup.set(before.offer_group),
         # Set by hand: an UpdateItem may create the item, and queries need its discriminator.
@@ -108,8 +128,9 @@ def stage_group_change(
         BalanceRecord.balance.set(balance),
         BalanceRecord.seq.set(seq),
         BalanceRecord.updatedAt.set(at),
+        BalanceRecord.book.set(book.to_record()),
         BalanceRecord.expiresAt.set(expires_at) if expires_at is not None else BalanceRecord.expiresAt.remove(),
-        *expiry_index_actions(before.user_id, before.offer_group, expires_at),
+        *due_index_actions(before.user_id, before.offer_group, book.next_expiry),
     ]
     # The read-then-write guard: nothing (a consume, another purchase) changed the group since `before`.
     guard = BalanceRecord.seq == before.seq if before.exists else BalanceRecord.sk.does_not_exist()

@@ -45,6 +45,7 @@ from user_credits.domain.clock import from_iso, to_iso
 from user_credits.domain.ledger import LedgerEntry
 from user_credits.errors import CreditsExpired, IdempotencyKeyReused, InsufficientCredits, ServiceBusy
 from user_credits.observability import count, logger
+from user_credits.store.balances import GroupState, to_state
 from user_credits.store.idempotency import TTL_SECONDS, StoredResponse
 from user_credits.store.ledger import ledger_record
 from user_credits.store.models import BalanceRecord, IdempotencyRecord, LedgerRecord, group_sk
@@ -193,7 +194,8 @@ def _debit_update(
     floor = tokens - max_overdraft
     names = {
         "#b": "balance", "#s": "seq", "#t": "itemType", "#g": "offerGroup", "#u": "updatedAt",
-        "#e": "expiresAt", "#m": META + eid, "#a": AFTER + eid, "#q": SEQ + eid, "#x": EXPIRY + eid,
+        "#e": "expiresAt", "#n": "nextExp", "#m": META + eid, "#a": AFTER + eid, "#q": SEQ + eid,
+        "#x": EXPIRY + eid,
     }
     values = {
         ":t": {"N": str(tokens)}, ":z": {"N": "0"}, ":one": {"N": "1"}, ":type": {"S": "balance"},
@@ -205,16 +207,32 @@ def _debit_update(
         "#t = if_not_exists(#t, :type), #g = if_not_exists(#g, :g), #u = :now, #m = :meta, "
         "#a = if_not_exists(#b, :z) - :t, #q = if_not_exists(#s, :z) + :one, #x = if_not_exists(#e, :nul)"
     )
-    # SPEC 2.5: not expired, and balance - tokens >= -maxOverdraft; a missing group has balance 0,
-    # which passes exactly when tokens <= maxOverdraft (decided here, since it involves no attribute).
+    # SPEC 2.5: balance - tokens >= -maxOverdraft, counting live lots only. While no lot that held
+    # tokens at the last rewrite has expired (nextExp > now), the stored balance is exactly that; once
+    # one has, the condition fails and the caller expires it first (`LotsDue`). A missing group has
+    # balance 0, which passes exactly when tokens <= maxOverdraft (decided here: it involves no attribute).
     funds = "#b >= :floor OR attribute_not_exists(#b)" if floor <= 0 else "#b >= :floor"
-    condition = f"(attribute_not_exists(#e) OR #e > :now) AND ({funds})"
+    condition = f"(attribute_not_exists(#n) OR #n > :now) AND ({funds})"
     return _Update(user_id, offer_group, eid, expression, condition, names, values)
 
 
-def _refusal(old: Mapping[str, Any] | None, now: datetime) -> InsufficientCredits | CreditsExpired:
+class LotsDue(Exception):
+    """The consume was refused because a lot that held tokens has expired since the group's last
+    rewrite: the stored balance still counts it. `group` is the item as the refusal saw it."""
+
+    def __init__(self, group: GroupState) -> None:
+        super().__init__(f"a lot of {group.offer_group!r} is due")
+        self.group = group
+
+
+def _refusal(
+    user_id: str, old: Mapping[str, Any] | None, now: datetime,
+) -> InsufficientCredits | CreditsExpired | LotsDue:
     """Why a condition failed, from the item as it was (ReturnValuesOnConditionCheckFailure=ALL_OLD)."""
     old = old or {}
+    next_expiry = old.get("nextExp", {}).get("S")
+    if next_expiry is not None and next_expiry <= _time(now):
+        return LotsDue(to_state(BalanceRecord.from_raw_data({**old, "userId": {"S": user_id}})))
     balance = int(old["balance"]["N"]) if "balance" in old else 0
     expires = old.get("expiresAt", {}).get("S")
     if expires is not None and expires <= _time(now):
@@ -263,7 +281,7 @@ def debit(user_id: str, offer_group: str, tokens: int, max_overdraft: int, now: 
         except ClientError as error:
             if _error_code(error) == "ConditionalCheckFailedException":
                 old: Any = error.response.get("Item")
-                raise _refusal(old, now) from error
+                raise _refusal(user_id, old, now) from error
             raise
         return response
 
@@ -345,7 +363,7 @@ def debit_once(
                 return False
             if balance_reason.get("Code") == "ConditionalCheckFailed":
                 # A refusal stores nothing: a retry after a top-up may succeed (see README).
-                raise _refusal(balance_reason.get("Item"), now) from error
+                raise _refusal(user_id, balance_reason.get("Item"), now) from error
             raise
         return True
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from user_credits.domain.ledger import LedgerEntry, entry_key
 from user_credits.store.models import LedgerRecord
@@ -28,6 +27,7 @@ def ledger_record(entry: LedgerEntry) -> LedgerRecord:
         idempotencyKey=entry.idempotency_key,
         shortfall=entry.shortfall,
         note=entry.note,
+        lotId=entry.lot_id,
     )
 
 
@@ -44,12 +44,8 @@ def to_entry(record: LedgerRecord) -> LedgerEntry:
         idempotency_key=record.idempotencyKey,
         shortfall=int(record.shortfall) if record.shortfall is not None else None,
         note=record.note,
+        lot_id=record.lotId,
     )
-
-
-def expiry_bucket(moment: datetime) -> str:
-    """The sparse expiry index is partitioned by UTC day; the sweep queries only the days that are due."""
-    return moment.strftime("%Y-%m-%d")
 
 
 @dataclass(frozen=True)

@@ -40,15 +40,21 @@ class OfferRecord(Model):
     updatedAt = UTCDateTimeAttribute()
 
 
-class ExpiryIndex(GlobalSecondaryIndex["BalanceRecord"]):
-    """Sparse: only balances that expire carry `expiryBucket` (the UTC day) and `expirySort`."""
+class DueIndex(GlobalSecondaryIndex["BalanceRecord"]):
+    """Sparse: only balances with a lot that holds tokens and expires carry `dueShard` and `dueSort`.
+
+    Keys only, and keyed on what a consume never changes (`nextExp`), so a consume never writes it.
+    `dueShard` is one of `DUE_SHARDS` partition keys picked by a hash of (user, group): what falls due
+    at one moment is spread over all of them, never one partition per day. `dueSort` is
+    `<iso nextExp>#<userId>#<group>`, so the sweep reads each shard from its position up to now.
+    """
 
     class Meta:
-        index_name = "byExpiry"
-        projection = AllProjection()
+        index_name = "byDue"
+        projection = KeysOnlyProjection()
 
-    expiryBucket = UnicodeAttribute(hash_key=True)
-    expirySort = UnicodeAttribute(range_key=True)
+    dueShard = UnicodeAttribute(hash_key=True)
+    dueSort = UnicodeAttribute(range_key=True)
 
 
 class PaymentIntentIndex(GlobalSecondaryIndex["OrderRecord"]):
@@ -72,20 +78,22 @@ class AccountItem(Model):
 
 class BalanceRecord(AccountItem, discriminator="balance"):
     offerGroup = UnicodeAttribute()
+    # The spendable total: every consume decrements it under a condition, and nothing else of the item.
     balance = NumberAttribute(default=0)
-    # None: the group never expires.
+    # The group's expiresAt (SPEC 1: the latest among its lots); None: never, or no lot.
     expiresAt = UTCDateTimeAttribute(null=True)
+    # The soonest expiry of a lot that held tokens at the last rewrite: consumes are allowed before it.
+    nextExp = UTCDateTimeAttribute(null=True)
+    # The lots and the debt as the last rewrite left them (domain.lots.Book.to_record).
+    book = JSONAttribute(null=True)
     # Incremented by every change: the order of the ledger entries of this group, and the
     # optimistic-concurrency token of the read-then-write paths (purchase, refund, grant, expiry).
     seq = NumberAttribute(default=0)
-    expiryBucket = UnicodeAttribute(null=True)
-    expirySort = UnicodeAttribute(null=True)
-    # The expiresAt for which a CreditsExpiringSoon event was already sent (one per instant).
-    warnedFor = UTCDateTimeAttribute(null=True)
-    # The threshold state for CreditsLow, so that one event goes out per downward crossing.
+    dueShard = UnicodeAttribute(null=True)
+    dueSort = UnicodeAttribute(null=True)
     updatedAt = UTCDateTimeAttribute(null=True)
 
-    byExpiry = ExpiryIndex()
+    byDue = DueIndex()
 
 
 class OrderRecord(AccountItem, discriminator="order"):
@@ -152,6 +160,8 @@ class LedgerRecord(Model):
     shortfall = NumberAttribute(null=True)
     # A grant's free-text reason.
     note = UnicodeAttribute(null=True)
+    # The lot the change concerns, where it concerns one.
+    lotId = UnicodeAttribute(null=True)
 
     byGroup = GroupIndex()
 
