@@ -38,6 +38,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+APP_ORIGIN = "http://app.localhost:5173"
+
+
 class DevServer:
     """One `user-credits dev` process; its log goes to a file the test can read."""
 
@@ -127,7 +130,7 @@ def own_server(tmp_path: Path) -> Iterator[DevServer]:
 def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
     """One server shared by the tests that only send requests (each with its own ids)."""
     tmp_path = tmp_path_factory.mktemp("dev")
-    server = DevServer(tmp_path / "local-data", tmp_path / "dev.log").start()
+    server = DevServer(tmp_path / "local-data", tmp_path / "dev.log", "--allowed-origins", APP_ORIGIN).start()
     try:
         yield server
     finally:
@@ -260,3 +263,27 @@ def test_docs_and_openapi_are_served(dev_server: DevServer) -> None:
     assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
     document = requests.get(f"{dev_server.url}/openapi.json", timeout=10).json()
     assert "/offers" in document["paths"] and "/admin/offers/{offerId}" in document["paths"]
+
+
+def test_cors_preflights_are_answered_as_the_http_api_answers_them(dev_server: DevServer) -> None:
+    """SPEC 3: with AllowedOrigins set, a browser front-end on that origin can call the user routes."""
+    asked = {"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization,content-type,idempotency-key"}
+    preflight = requests.options(f"{dev_server.url}/orders", headers=asked, timeout=10)
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    assert set(preflight.headers["Access-Control-Allow-Methods"].split(",")) >= {"GET", "POST", "PUT"}
+    assert set(preflight.headers["Access-Control-Allow-Headers"].split(",")) == {
+        "authorization", "content-type", "idempotency-key"}
+    assert preflight.headers["Access-Control-Max-Age"] == "600"
+    # The call itself carries the origin back, so the browser hands the answer to the page.
+    offers = requests.get(f"{dev_server.url}/offers", headers={**auth("cors-user"), "Origin": APP_ORIGIN},
+                          timeout=10)
+    assert offers.status_code == 200 and offers.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    # Another origin gets no Access-Control headers at all: the browser refuses.
+    stranger = requests.options(f"{dev_server.url}/orders", headers={**asked, "Origin": "http://evil.localhost"},
+                                timeout=10)
+    assert stranger.status_code == 204 and "Access-Control-Allow-Origin" not in stranger.headers
+    plain = requests.get(f"{dev_server.url}/offers", headers={**auth("cors-user"), "Origin": "http://evil.localhost"},
+                         timeout=10)
+    assert "Access-Control-Allow-Origin" not in plain.headers

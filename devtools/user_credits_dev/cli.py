@@ -137,7 +137,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     try:
         server.run_dev(
             port=args.port, data_dir=args.data_dir, catalog=None if args.no_catalog else args.catalog,
-            engine=args.engine, sweep_every=args.sweep_every,
+            engine=args.engine, sweep_every=args.sweep_every, allowed_origins=args.allowed_origins,
         )
     except server.DevServerError as exc:
         raise CliError(str(exc)) from exc
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-catalog", action="store_true")
     dev.add_argument("--engine", choices=["auto", "dynamodb-local", "moto"], default="auto")
     dev.add_argument("--sweep-every", type=float, help="run the sweep every N seconds (default: template rate)")
+    dev.add_argument("--allowed-origins", default=os.environ.get("ALLOWED_ORIGINS", ""),
+                     help="browser origins allowed by CORS, comma-separated, as the stack parameter "
+                          "AllowedOrigins (default: $ALLOWED_ORIGINS; empty: CORS off)")
     dev.set_defaults(func=cmd_dev)
 
     token = sub.add_parser("token", help="print an UNSIGNED JWT for USER (accepted by the dev server only)")

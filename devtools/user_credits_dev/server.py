@@ -262,8 +262,10 @@ def unsigned_token(user_id: str, **claims: Any) -> str:
 class LocalApi:
     """Turns one HTTP request into one Lambda invocation and its result back into HTTP."""
 
-    def __init__(self, host: FunctionHost) -> None:
+    def __init__(self, host: FunctionHost, cors: tpl.CorsRules | None = None) -> None:
         self.host = host
+        # As the HTTP API's CorsConfiguration (template parameter AllowedOrigins): None is CORS off.
+        self.cors = cors
         self._docs: tuple[str, str] | None = None
 
     def docs(self) -> tuple[str, str]:
@@ -276,6 +278,31 @@ class LocalApi:
         return self._docs
 
     def dispatch(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        origin = next((value for name, value in headers if name.lower() == "origin"), None)
+        if self.cors is not None and method == "OPTIONS" and any(
+                name.lower() == "access-control-request-method" for name, _ in headers):
+            return self._preflight(self.cors, origin)
+        status, out, payload = self._route(method, target, headers, body)
+        if self.cors is not None and self.cors.allows(origin):
+            out = [*out, ("Access-Control-Allow-Origin", str(origin)), ("Vary", "Origin")]
+        return status, out, payload
+
+    @staticmethod
+    def _preflight(cors: tpl.CorsRules, origin: str | None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """API Gateway answers preflights itself, route or not; an origin it does not allow gets no
+        Access-Control headers, so the browser refuses the call."""
+        if not cors.allows(origin):
+            return 204, [], b""
+        return 204, [
+            ("Access-Control-Allow-Origin", str(origin)), ("Vary", "Origin"),
+            ("Access-Control-Allow-Methods", ",".join(cors.methods)),
+            ("Access-Control-Allow-Headers", ",".join(cors.headers)),
+            ("Access-Control-Max-Age", str(cors.max_age)),
+        ], b""
+
+    def _route(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         url = urlsplit(target)
@@ -540,6 +567,7 @@ def run_dev(
     engine: str = "auto",
     sweep_every: float | None = None,
     stop_event: threading.Event | None = None,
+    allowed_origins: str = "",
 ) -> None:
     """Start everything, serve until `stop_event` (or SIGINT/SIGTERM), then stop everything."""
     import signal
@@ -571,7 +599,7 @@ def run_dev(
 
         host = FunctionHost(tables)
         try:
-            http = make_http_server(LocalApi(host), port)
+            http = make_http_server(LocalApi(host, tpl.cors_rules(allowed_origins)), port)
         except OSError as exc:
             raise DevServerError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); try --port N") from exc
         actual_port = http.server_address[1]

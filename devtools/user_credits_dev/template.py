@@ -200,3 +200,27 @@ def _load_handler(spec: FunctionSpec) -> Any:
 
 def dynamodb_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_DYNAMODB")
+
+
+@dataclass(frozen=True)
+class CorsRules:
+    """The HTTP API's CorsConfiguration, as template.yaml gives it when `AllowedOrigins` is set."""
+
+    origins: tuple[str, ...]
+    headers: tuple[str, ...]
+    methods: tuple[str, ...]
+    max_age: int
+
+    def allows(self, origin: str | None) -> bool:
+        return origin is not None and ("*" in self.origins or origin in self.origins)
+
+
+def cors_rules(allowed_origins: str) -> CorsRules | None:
+    """`allowed_origins` is the stack parameter (comma-separated; empty: CORS off, as in the template)."""
+    origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
+    if not origins:
+        return None
+    config = resources("AWS::Serverless::HttpApi")["HttpApi"]["Properties"]["CorsConfiguration"]
+    # `!If [HasCors, {...}, !Ref AWS::NoValue]`: the configuration is the second item.
+    rules = config["Fn::If"][1]
+    return CorsRules(origins, tuple(rules["AllowHeaders"]), tuple(rules["AllowMethods"]), int(rules["MaxAge"]))
