@@ -289,23 +289,30 @@ class CrashPlan:
         assert reply.status == 500, reply
 
 
-@pytest.fixture
-def crash(local_service: Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[CrashPlan]:
-    """Fault injection from a botocore event hook on every DynamoDB client pynamodb builds (DynamoDB Local)."""
+def hook_dynamodb_clients(monkeypatch: pytest.MonkeyPatch, service: Service, handlers: dict[str, Any]) -> None:
+    """Register botocore event handlers on every DynamoDB client built from now on (the one mechanism
+    behind fault injection and call recording)."""
     import botocore.session
 
-    plan = CrashPlan()
     original = botocore.session.Session.create_client
 
     def create_client(self: Any, service_name: str, *args: Any, **kwargs: Any) -> Any:
         client = original(self, service_name, *args, **kwargs)
         if service_name == "dynamodb":
-            client.meta.events.register("before-call.dynamodb", plan.hook)
-            client.meta.events.register("after-call.dynamodb", plan.hook)
+            for event, handler in handlers.items():
+                client.meta.events.register(event, handler)
         return client
 
     monkeypatch.setattr(botocore.session.Session, "create_client", create_client)
     # Cached connections hold clients built before the hook: start from fresh ones.
-    local_service.rebind()
+    service.rebind()
+
+
+@pytest.fixture
+def crash(local_service: Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[CrashPlan]:
+    """Fault injection from a botocore event hook on every DynamoDB client pynamodb builds (DynamoDB Local)."""
+    plan = CrashPlan()
+    hook_dynamodb_clients(monkeypatch, local_service, {"before-call.dynamodb": plan.hook,
+                                                       "after-call.dynamodb": plan.hook})
     yield plan
     plan.disarm()

@@ -1,0 +1,215 @@
+"""Least privilege (issue 14.10): each function is granted exactly the DynamoDB calls it makes.
+
+Every route and the sweep run once through their handlers on DynamoDB Local, down every path that
+reaches DynamoDB in another way (keyed and unkeyed, replays, refusals, each webhook outcome, refunds
+found through the PaymentIntent index, the ledger through its group index, expiry and warnings).
+A botocore hook records each call as the IAM action it needs, on which table or index (a transaction
+needs the action of each of its items). Then, for every function, what template.yaml grants must be
+what was recorded: no call may be refused in AWS, and no grant may go unused.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import time_machine
+from conftest import Service, hook_dynamodb_clients
+
+from user_credits_dev import template as tpl
+from user_credits_dev.stripe_fake import payment_intent_event
+
+if TYPE_CHECKING:
+    from stripe_fixtures import Shop
+
+pytest_plugins = ["stripe_fixtures"]
+
+Grant = tuple[str, str, str | None]  # (IAM action, table logical id, index name or None)
+
+_TRANSACT_ACTIONS = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem",
+                     "ConditionCheck": "ConditionCheckItem"}
+
+
+@dataclass
+class CallRecorder:
+    """What each function asked of DynamoDB, as IAM sees it."""
+
+    tables: dict[str, str]  # physical name -> logical id
+    current: str | None = None
+    calls: dict[str, set[Grant]] = field(default_factory=lambda: defaultdict(set))
+
+    def before(self, params: dict[str, Any], model: Any, **_: Any) -> None:
+        assert self.current is not None, f"a DynamoDB call outside any function: {model.name}"
+        for action, table, index in self._grants(model.name, params):
+            self.calls[self.current].add((f"dynamodb:{action}", self.tables[table], index))
+
+    @staticmethod
+    def _grants(operation: str, params: dict[str, Any]) -> Iterator[tuple[str, str, str | None]]:
+        if operation == "TransactWriteItems":
+            for item in params["TransactItems"]:
+                [(kind, request)] = item.items()
+                yield _TRANSACT_ACTIONS[kind], request["TableName"], None
+        elif operation == "TransactGetItems":
+            for item in params["TransactItems"]:
+                yield "GetItem", item["Get"]["TableName"], None
+        elif operation in ("BatchWriteItem", "BatchGetItem"):
+            for table in params["RequestItems"]:
+                yield operation, table, None
+        else:
+            yield operation, params["TableName"], params.get("IndexName")
+
+
+@pytest.fixture
+def recorder(local_shop: Shop, monkeypatch: pytest.MonkeyPatch) -> CallRecorder:
+    service = local_shop.service
+    meter = CallRecorder({name: logical for logical, name in service.backend.tables.items()})
+    hook_dynamodb_clients(monkeypatch, service, {"before-parameter-build.dynamodb": meter.before})
+    real_call, real_schedule = Service.call, Service.invoke_schedule
+
+    def call(self: Service, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        meter.current = self.spec_for(method, path)[0].logical_id
+        try:
+            return real_call(self, method, path, *args, **kwargs)
+        finally:
+            meter.current = None
+
+    def invoke_schedule(self: Service, logical_id: str = "ExpirySweepFunction", **kwargs: Any) -> Any:
+        meter.current = logical_id
+        try:
+            return real_schedule(self, logical_id, **kwargs)
+        finally:
+            meter.current = None
+
+    monkeypatch.setattr(Service, "call", call)
+    monkeypatch.setattr(Service, "invoke_schedule", invoke_schedule)
+    return meter
+
+
+def _resource(value: Any) -> tuple[str, str | None]:
+    """(table logical id, index name or None) of `!GetAtt T.Arn` or `!Sub "${T.Arn}/index/NAME"`."""
+    if isinstance(value, dict) and "Fn::GetAtt" in value:
+        logical, attribute = value["Fn::GetAtt"] if isinstance(value["Fn::GetAtt"], list) else \
+            value["Fn::GetAtt"].split(".")
+        assert attribute == "Arn", value
+        return logical, None
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        text: str = value["Fn::Sub"]
+        head, _, index = text.partition("/index/")
+        assert head.startswith("${") and head.endswith(".Arn}") and index, value
+        return head[2:-5], index
+    raise AssertionError(f"a DynamoDB resource written another way: {value!r}")
+
+
+def granted(logical_id: str) -> set[Grant]:
+    """The DynamoDB grants of one function in template.yaml (explicit statements only)."""
+    policies = tpl.resources("AWS::Serverless::Function")[logical_id]["Properties"].get("Policies", [])
+    grants: set[Grant] = set()
+    for policy in policies:
+        [(kind, body)] = policy.items()
+        assert not kind.startswith("DynamoDB"), f"{logical_id}: {kind} grants more than the code uses"
+        if kind != "Statement":
+            continue
+        for statement in body:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            for action in actions:
+                if not action.startswith("dynamodb:"):
+                    continue
+                assert statement["Effect"] == "Allow"
+                grants.update((action, *_resource(resource)) for resource in resources)
+    return grants
+
+
+def _consume(shop: Shop, user: str, group: str, tokens: int, key: str | None = None, **extra: Any) -> Any:
+    headers = {"Idempotency-Key": key} if key else None
+    return shop.service.call("POST", f"/users/{user}/consume", {"offerGroup": group, "tokens": tokens, **extra},
+                             iam=True, headers=headers)
+
+
+def _grant(shop: Shop, user: str, body: dict[str, Any], key: str | None = None) -> Any:
+    headers = {"Idempotency-Key": key} if key else None
+    return shop.service.call("POST", f"/admin/users/{user}/grants", body, iam=True, headers=headers)
+
+
+def run_every_path(shop: Shop, ids: Any) -> None:
+    """Each function down each of its ways to DynamoDB (the statuses only check the path was taken)."""
+    call = shop.service.call
+    now = datetime.now(UTC)
+    user, group = ids("u"), ids("g")
+    # Offers, and what a user sees (their paid orders unlock offers).
+    offer_id, group = shop.offer(group=group, tokens=100, cycle="monthly")
+    free_id, _ = shop.offer(group=group, tokens=5, cycle="daily", prices={"usd": 0})
+    assert call("GET", "/admin/offers", iam=True).status == 200
+    assert call("GET", "/offers", user=user).status == 200
+    # Orders: free (paid at once), keyed (and its replay), unknown.
+    assert shop.order(user, free_id).status == 201
+    assert shop.order(user, offer_id, key="order-key").status == 201
+    assert shop.order(user, offer_id, key="order-key").status == 201
+    order = shop.placed(user, offer_id)
+    assert call("GET", f"/orders/{order['orderId']}", user=user).status == 200
+    assert call("GET", f"/orders/{ids('missing')}", user=user).status == 404
+    # The webhook: paid, duplicate, failed then canceled, inconsistent, refunds (through the index too),
+    # a refund before its payment.
+    assert shop.pay(order).status == 200
+    assert shop.pay(order).status == 200
+    failed = shop.placed(user, offer_id)
+    event = payment_intent_event(shop.intent(failed), event_type="payment_intent.payment_failed")
+    assert shop.deliver(event).status == 200
+    event = payment_intent_event(shop.intent(failed), event_type="payment_intent.canceled")
+    assert shop.deliver(event).status == 200
+    odd = shop.placed(user, offer_id)
+    assert shop.pay(odd, amount_received=1).status == 200
+    assert shop.refund(order, 250).status == 200
+    assert shop.refund(order, 500, with_metadata=True).status == 200
+    early = shop.placed(user, offer_id)
+    assert shop.refund(early, 1000).status == 200
+    assert shop.pay(early).status == 200
+    # Consume: unkeyed, keyed and its replay, a refusal, a refusal on a due lot, one that expires it.
+    assert _consume(shop, user, group, 3).status == 200
+    assert _consume(shop, user, group, 3, key="consume-key").status == 200
+    assert _consume(shop, user, group, 3, key="consume-key").status == 200
+    assert _consume(shop, user, group, 10**9).status == 402
+    # Grants: keyed and its replay, negative, and one that expires soon (for the sweep).
+    assert _grant(shop, user, {"offerGroup": group, "tokens": 10}, key="grant-key").status == 201
+    assert _grant(shop, user, {"offerGroup": group, "tokens": 10}, key="grant-key").status == 201
+    assert _grant(shop, user, {"offerGroup": group, "tokens": -1}).status == 201
+    soon = ids("soon")
+    dated = {"offerGroup": soon, "tokens": 7, "expiresAt": (now + timedelta(days=1)).isoformat()}
+    assert _grant(shop, user, dated).status == 201
+    # Credits and the ledger: whole, per group (the byGroup index), and a second page.
+    for path in ("/credits", "/credits/ledger"):
+        assert call("GET", path, user=user).status == 200
+    assert call("GET", f"/users/{user}/credits", iam=True).status == 200
+    page = call("GET", f"/users/{user}/ledger", iam=True, query={"limit": "2"}).body
+    second = {"limit": "2", "cursor": page["nextCursor"]}
+    assert call("GET", f"/users/{user}/ledger", iam=True, query=second).status == 200
+    assert call("GET", f"/users/{user}/ledger", iam=True, query={"offerGroup": group}).status == 200
+    # The sweep: a warning now, an expiry two days on, then consumes that find the due lot.
+    with time_machine.travel(now, tick=True):
+        assert shop.service.invoke_schedule()["warned"] >= 1
+    due = ids("due")
+    _grant(shop, user, {"offerGroup": due, "tokens": 4, "expiresAt": (now + timedelta(hours=1)).isoformat()})
+    with time_machine.travel(now + timedelta(hours=2), tick=True):
+        assert _consume(shop, user, due, 1).status == 402
+        assert _consume(shop, user, due, 1, maxOverdraft=5).status == 200
+    with time_machine.travel(now + timedelta(days=2), tick=True):
+        assert shop.service.invoke_schedule()["expired"] >= 1
+
+
+def test_each_function_is_granted_exactly_the_dynamodb_calls_it_makes(
+    local_shop: Shop, recorder: CallRecorder, ids: Any,
+) -> None:
+    run_every_path(local_shop, ids)
+    functions = sorted(tpl.resources("AWS::Serverless::Function"))
+    problems = []
+    for logical_id in functions:
+        used, allowed = recorder.calls.get(logical_id, set()), granted(logical_id)
+        refused = sorted(used - allowed)
+        unused = sorted(allowed - used)
+        if refused or unused:
+            problems.append(f"{logical_id}: refused in AWS {refused}; granted but unused {unused}")
+    assert not problems, "\n".join(problems)
