@@ -15,6 +15,7 @@ from typing import Any
 
 import boto3
 import pytest
+from contract import check_answer
 from hypothesis import HealthCheck, settings
 
 from user_credits.config import load_settings
@@ -180,7 +181,9 @@ class Service:
             parsed = json.loads(text) if text else None
         except json.JSONDecodeError:
             parsed = text
-        return Reply(result["statusCode"], parsed, result.get("headers") or {})
+        reply = Reply(result["statusCode"], parsed, result.get("headers") or {})
+        check_answer(method, route_path, reply.status, reply.body, reply.headers)
+        return reply
 
     def invoke_schedule(self, logical_id: str = "ExpirySweepFunction", budget_ms: int = 300_000) -> Any:
         spec = next(s for s in self.specs if s.logical_id == logical_id)

@@ -77,7 +77,30 @@ def openapi_document() -> dict[str, Any]:
         for operation in operations.values():
             if isinstance(operation, dict):
                 operation["security"] = [{scheme: []}]
+                _drop_powertools_422(operation)
+    _drop_unused_schemas(document)
     return document
+
+
+def _drop_powertools_422(operation: dict[str, Any]) -> None:
+    """Powertools documents a 422 of its own on every operation; a route that can give one declares
+    it with `ErrorBody` (api/contract.py), so what is left is a 422 the route never gives."""
+    responses = operation.get("responses", {})
+    if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+        del responses["422"]
+
+
+def _drop_unused_schemas(document: dict[str, Any]) -> None:
+    """Powertools always adds its own validation-error schemas; every error here is `ErrorBody`, so
+    they would only mislead a reader (or a client generator)."""
+    schemas: dict[str, Any] = document.get("components", {}).get("schemas", {})
+    while True:
+        text = json.dumps({k: v for k, v in document.items() if k != "components"}) + json.dumps(schemas)
+        unused = [name for name in schemas if f'"#/components/schemas/{name}"' not in text]
+        if not unused:
+            return
+        for name in unused:
+            del schemas[name]
 
 
 def openapi_text() -> str:

@@ -1,4 +1,4 @@
-"""Request-scoped values the routers read: the caller and headers (the Idempotency-Key)."""
+"""Request-scoped values the routers read: the caller, and headers by name."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from collections.abc import Mapping
 
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
-from user_credits.api.schemas import ID_RE
-from user_credits.errors import Unauthorized, ValidationFailed
+from user_credits.errors import Unauthorized
 
 
 def header(headers: Mapping[str, str] | None, name: str) -> str | None:
@@ -20,13 +19,3 @@ def current_user(router: Router) -> str:
     if not isinstance(user_id, str):
         raise Unauthorized("a signed-in user is required")
     return user_id
-
-
-def idempotency_key(router: Router) -> str | None:
-    """The optional Idempotency-Key header, held to the id rules of SPEC 3."""
-    value = header(router.current_event.headers, "idempotency-key")
-    if value is None:
-        return None
-    if not ID_RE.fullmatch(value):
-        raise ValidationFailed("Idempotency-Key must be 1..128 characters of A-Z a-z 0-9 _ - . : @")
-    return value

@@ -66,15 +66,6 @@ def decode_cursor(cursor: str) -> str:
     return after
 
 
-def parse_limit(raw: str | None) -> int:
-    """A strict decimal integer 1..1000 (query strings are text, so `2.0`, `+3` and `1e2` are refused)."""
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ValidationFailed(f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
-
-
 def ledger_of(user_id: str, offer_group: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
     after = None if cursor is None else decode_cursor(cursor)
     page = ledger_store.read_page(user_id, offer_group, limit, after)
