@@ -168,3 +168,37 @@ def test_every_webhook_outcome_emits_a_metric(local_shop: Shop, emitted: Emitted
     # Refused deliveries are never logged as failures (4xx): the metric is what shows them.
     assert shop.deliver(payment_intent_event(intent), secret="whsec_other").error == "invalid_signature"
     assert emitted.read()["StripeEvent_invalid_signature"] == 1
+
+
+def test_a_5xx_answer_emits_server_errors_per_function(
+    local_service: Service, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, ids: Any,
+) -> None:
+    """The webhook alarm's metric: Lambda's Errors never counts a failure turned into a response."""
+    from user_credits.logic import credits as credits_logic
+
+    def broken(user_id: str) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "stack-GetCreditsFunction-abc")
+    monkeypatch.setattr(credits_logic, "credits_of", broken)
+    capsys.readouterr()
+    reply = local_service.call("GET", f"/users/{ids('u')}/credits", iam=True)
+    assert reply.status == 500 and reply.body == {"error": "internal_error", "message": reply.body["message"]}
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
+    [server_errors] = [b for b in blobs if any(m["Name"] == "ServerErrors"
+                                               for d in b["_aws"]["CloudWatchMetrics"] for m in d["Metrics"])]
+    assert server_errors["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["service", "FunctionName"]]
+    assert server_errors["FunctionName"] == "stack-GetCreditsFunction-abc" and server_errors["ServerErrors"] == [1.0]
+
+
+def test_the_alarms_watch_metrics_the_code_emits() -> None:
+    from user_credits import observability
+    from user_credits_dev import template as tpl
+
+    alarms = tpl.resources("AWS::CloudWatch::Alarm")
+    for name, metric in (("WebhookErrorsAlarm", "ServerErrors"), ("SweepFailuresAlarm", "SweepFailures")):
+        props = alarms[name]["Properties"]
+        assert (props["Namespace"], props["MetricName"]) == (observability.NAMESPACE, metric), name
+        assert {"Name": "service", "Value": observability.SERVICE} in props["Dimensions"], name
+    webhook = {d["Name"]: d["Value"] for d in alarms["WebhookErrorsAlarm"]["Properties"]["Dimensions"]}
+    assert webhook["FunctionName"] == {"Ref": "StripeWebhookFunction"}

@@ -29,7 +29,7 @@ from user_credits.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
-from user_credits.observability import logger, metrics
+from user_credits.observability import count_server_error, logger, metrics
 from user_credits.store.models import bind_tables
 
 MAX_BODY_BYTES = 256 * 1024
@@ -44,6 +44,8 @@ _THROTTLING = {
 
 
 def error_response(error: CreditsError) -> Response[str]:
+    if error.http_status >= 500:
+        count_server_error()
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(error, ServiceBusy) else None
     return Response(
         status_code=error.http_status,
