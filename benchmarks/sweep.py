@@ -180,7 +180,7 @@ def table(results: list[SizeResult]) -> str:
 
     rows = [
         row("groups due (1%)", lambda r: r.due),
-        row("due sweep: groups expired", lambda r: r.due_sweep.expired),
+        row("due sweep: lots expired", lambda r: r.due_sweep.expired),
         row("due sweep: items read", lambda r: r.due_sweep.items_read),
         row("due sweep: items read per due group", lambda r: round(r.due_sweep.items_read / r.due, 2)),
         row("due sweep: Query / GetItem requests", lambda r: f"{r.due_sweep.queries} / {r.due_sweep.get_items}"),
@@ -189,7 +189,7 @@ def table(results: list[SizeResult]) -> str:
         row("repeat sweep: seconds", lambda r: round(r.repeat.seconds, 2)),
         row("first sweep (no position yet; nothing due, the 1% warned): items read", lambda r: r.first.items_read),
         row("first sweep: warnings sent", lambda r: r.first.warned),
-        row("first sweep: Query requests (400-day look-back)", lambda r: r.first.queries),
+        row("first sweep: Query requests (16 shards x 2 passes, pages)", lambda r: r.first.queries),
         row("first sweep: seconds", lambda r: round(r.first.seconds, 2)),
         row("seeding (BatchWriteItem): seconds", lambda r: round(r.seed_seconds, 1)),
     ]
