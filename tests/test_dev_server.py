@@ -263,6 +263,18 @@ def test_docs_and_openapi_are_served(dev_server: DevServer) -> None:
     assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
     document = requests.get(f"{dev_server.url}/openapi.json", timeout=10).json()
     assert "/offers" in document["paths"] and "/admin/offers/{offerId}" in document["paths"]
+    # The link Swagger UI shows for the document.
+    linked = requests.get(f"{dev_server.url}/docs?format=json", timeout=10)
+    assert linked.headers["Content-Type"] == "application/json" and linked.json() == document
+    # Someone who opens the bare URL is told where to look.
+    index = requests.get(f"{dev_server.url}/", timeout=10).json()
+    assert index["docs"] == "/docs" and "POST /users/{userId}/consume" in index["routes"]
+
+
+def test_the_state_file_says_which_stripe_the_server_uses(dev_server: DevServer) -> None:
+    state = json.loads((dev_server.data_dir / "dev.json").read_text(encoding="utf-8"))
+    assert state["stripe_mode"] == "local" and state["stripe_api_base"].startswith("http://127.0.0.1:")
+    assert f"the local Stripe fake at {state['stripe_api_base']}" in dev_server.log()
 
 
 def test_cors_preflights_are_answered_as_the_http_api_answers_them(dev_server: DevServer) -> None:

@@ -292,7 +292,7 @@ def cmd_payment(args: argparse.Namespace) -> int:
 
     target = resolve_target(args)
     state = server.DevState.read(args.data_dir) if target.local else None
-    if state is None or target.data_dir is None or not state.stripe_api_base:
+    if state is None or target.data_dir is None or not state.stripe_api_base or state.stripe_mode == "test":
         raise CliError("pay/fail/refund drive the local payment simulator of a running `make dev` "
                        "(with a real sk_test_ key, pay in Stripe's test mode instead)")
     assert target.endpoint is not None

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 from user_credits_dev import template as tpl
 from user_credits_dev.lambda_events import LambdaContext, http_api_event, scheduled_event
@@ -60,6 +60,7 @@ class DevState:
     engine: str
     tables: dict[str, str]
     stripe_api_base: str | None = None
+    stripe_mode: str | None = None
     pid: int = field(default_factory=os.getpid)
 
     def write(self, data_dir: Path) -> None:
@@ -307,7 +308,15 @@ class LocalApi:
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         url = urlsplit(target)
         path = unquote(url.path) or "/"
+        if method == "GET" and path == "/":
+            # Not an API route (API Gateway would answer 404): where to look, for someone who opens the URL.
+            index = {"service": "user-credits (local)", "docs": "/docs", "openapi": "/openapi.json",
+                     "routes": sorted(f"{m} {p}" for spec in self.host.specs for m, p, _ in spec.routes)}
+            return 200, [("Content-Type", "application/json")], json.dumps(index).encode()
         if method == "GET" and path in ("/docs", "/docs/"):
+            # Swagger UI links the document as /docs?format=json.
+            if "json" in parse_qs(url.query).get("format", []):
+                return 200, [("Content-Type", "application/json")], self.docs()[0].encode()
             return 200, [("Content-Type", "text/html; charset=utf-8")], self.docs()[1].encode()
         if method == "GET" and path == "/openapi.json":
             return 200, [("Content-Type", "application/json")], self.docs()[0].encode()
@@ -484,21 +493,36 @@ class Scheduler(threading.Thread):
 
 @dataclass
 class StripeSetup:
-    mode: str  # "test" (Stripe test mode) or "local" (the fake) or "none"
+    mode: str  # "local" (the fake), "test" (Stripe's test mode) or "custom" (STRIPE_API_BASE)
     env: dict[str, str]
     stop: Callable[[], None] = lambda: None
     api_base: str | None = None
 
+    def describe(self) -> str:
+        """For the banner: which Stripe the orders talk to."""
+        where = {"local": "the local Stripe fake", "test": "Stripe test mode", "custom": "STRIPE_API_BASE"}
+        return f"{where.get(self.mode, self.mode)} at {self.api_base or STRIPE_API}"
+
+
+STRIPE_API = "https://api.stripe.com"
+
 
 def configure_stripe(data_dir: Path) -> StripeSetup:
+    """Which Stripe the dev server uses, in this order: STRIPE_API_BASE when set (stripe-mock, a fake
+    of your own), Stripe's test mode for an `sk_test_` key, else the built-in fake."""
     key = os.environ.get("STRIPE_API_KEY", "")
+    base = os.environ.get("STRIPE_API_BASE", "")
+    if base:
+        env = {"STRIPE_API_KEY": key or LOCAL_STRIPE_KEY, "STRIPE_API_BASE": base,
+               "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET") or local_webhook_secret(data_dir)}
+        return StripeSetup("custom", env, api_base=base)
     if key.startswith("sk_test_"):
         env = {"STRIPE_API_KEY": key}
         if os.environ.get("STRIPE_WEBHOOK_SECRET"):
             env["STRIPE_WEBHOOK_SECRET"] = os.environ["STRIPE_WEBHOOK_SECRET"]
         else:
             log.warning("STRIPE_WEBHOOK_SECRET is not set: webhooks from `stripe listen` will be refused")
-        return StripeSetup("test", env)
+        return StripeSetup("test", env, api_base=STRIPE_API)
     secret = local_webhook_secret(data_dir)
     env = {"STRIPE_API_KEY": LOCAL_STRIPE_KEY, "STRIPE_WEBHOOK_SECRET": secret}
     from user_credits_dev.stripe_fake import FakeStripe
@@ -605,14 +629,14 @@ def run_dev(
         actual_port = http.server_address[1]
         DevState(
             api_url=f"http://127.0.0.1:{actual_port}", dynamodb_endpoint=dynamo.endpoint, engine=dynamo.kind,
-            tables=dict(tables), stripe_api_base=stripe.api_base,
+            tables=dict(tables), stripe_api_base=stripe.api_base, stripe_mode=stripe.mode,
         ).write(data_dir)
         threading.Thread(target=http.serve_forever, name="http", daemon=True).start()
         scheduler = Scheduler(host, sweep_every)
         scheduler.start()
         log.warning(
             "user-credits dev: http://127.0.0.1:%s (docs: /docs) | %s at %s | Stripe: %s | data: %s | ready in %.1fs",
-            actual_port, dynamo.kind, dynamo.endpoint, stripe.mode, data_dir, time.monotonic() - started,
+            actual_port, dynamo.kind, dynamo.endpoint, stripe.describe(), data_dir, time.monotonic() - started,
         )
         stop_event.wait()
     finally:
