@@ -32,10 +32,10 @@ $(SAMVENV)/.installed:
 install: $(VENV)/.installed $(SAMVENV)/.installed .cache/dynamodb-local/DynamoDBLocal.jar
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check shared devtools functions tests benchmarks
+	$(VENV)/bin/ruff check shared devtools client functions tests benchmarks
 
 typecheck: $(VENV)/.installed
-	$(VENV)/bin/mypy shared devtools
+	$(VENV)/bin/mypy shared devtools client
 
 template-lint: $(VENV)/.installed $(SAMVENV)/.installed
 	$(VENV)/bin/cfn-lint template.yaml
