@@ -6,6 +6,7 @@ Every test uses fresh user and offer ids (uuid), so tests share tables without s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -292,13 +293,7 @@ class CrashPlan:
         assert reply.status == 500, reply
 
 
-def hook_dynamodb_clients(monkeypatch: pytest.MonkeyPatch, service: Service, handlers: dict[str, Any]) -> None:
-    """Register botocore event handlers on every DynamoDB client built from now on (the one mechanism
-    behind fault injection and call recording)."""
-    import botocore.session
-
-    original = botocore.session.Session.create_client
-
+def _hooked(original: Any, handlers: dict[str, Any]) -> Any:
     def create_client(self: Any, service_name: str, *args: Any, **kwargs: Any) -> Any:
         client = original(self, service_name, *args, **kwargs)
         if service_name == "dynamodb":
@@ -306,8 +301,33 @@ def hook_dynamodb_clients(monkeypatch: pytest.MonkeyPatch, service: Service, han
                 client.meta.events.register(event, handler)
         return client
 
-    monkeypatch.setattr(botocore.session.Session, "create_client", create_client)
-    # Cached connections hold clients built before the hook: start from fresh ones.
+    return create_client
+
+
+@contextlib.contextmanager
+def dynamodb_hooks(service: Service, handlers: dict[str, Any]) -> Iterator[None]:
+    """Register botocore event handlers (`before-call.dynamodb`, `after-call.dynamodb`, ...) on every
+    DynamoDB client built inside the block: the one mechanism behind fault injection, call recording
+    and read metering. Cached connections are dropped on the way in and out, so every client of the
+    block is hooked and none after it."""
+    import botocore.session
+
+    original = botocore.session.Session.create_client
+    botocore.session.Session.create_client = _hooked(original, handlers)  # type: ignore[method-assign]
+    service.rebind()
+    try:
+        yield
+    finally:
+        botocore.session.Session.create_client = original  # type: ignore[method-assign]
+        service.rebind()
+
+
+def hook_dynamodb_clients(monkeypatch: pytest.MonkeyPatch, service: Service, handlers: dict[str, Any]) -> None:
+    """The same hooks for the rest of the test (undone with the test's monkeypatch)."""
+    import botocore.session
+
+    monkeypatch.setattr(botocore.session.Session, "create_client",
+                        _hooked(botocore.session.Session.create_client, handlers))
     service.rebind()
 
 

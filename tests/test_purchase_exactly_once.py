@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import pynamodb.connection.base
 import pytest
+from conftest import dynamodb_hooks
 
 from user_credits_dev.stripe_fake import payment_intent_event, signed_delivery
 
@@ -82,22 +82,10 @@ class Fault:
 
 @contextmanager
 def dynamodb_faults(shop: Shop, monkeypatch: pytest.MonkeyPatch, phase: str) -> Iterator[Fault]:
-    """Hooks every botocore session pynamodb creates (one per Connection): `before-call` / `after-call`."""
+    """A `Fault` on every DynamoDB call (`before-call` / `after-call`) made inside the block."""
     fault = Fault(phase)
-    original = pynamodb.connection.base.get_session
-
-    def session_with_hook() -> Any:
-        session = original()
-        session.register(f"{phase}-call.dynamodb", fault.hook)
-        return session
-
-    monkeypatch.setattr(pynamodb.connection.base, "get_session", session_with_hook)
-    shop.service.rebind()  # drop cached connections so every client comes from a hooked session
-    try:
+    with dynamodb_hooks(shop.service, {f"{phase}-call.dynamodb": fault.hook}):
         yield fault
-    finally:
-        monkeypatch.setattr(pynamodb.connection.base, "get_session", original)
-        shop.service.rebind()
 
 
 def outcome(shop: Shop, user: str, order_id: str, groups: list[str]) -> dict[str, Any]:

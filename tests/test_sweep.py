@@ -17,11 +17,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pynamodb.connection.base as pynamodb_base
 import pytest
 import time_machine
-from botocore.session import Session
-from conftest import Backend, EventRecorder, Service
+from conftest import Backend, EventRecorder, Service, hook_dynamodb_clients
 from seeding import seed_lot
 
 from user_credits.domain.clock import to_iso
@@ -34,12 +32,8 @@ from user_credits.store.balances import GroupState, due_shard, due_sort, read_gr
 from user_credits.store.expiry import index_entries, position_through
 from user_credits.store.ledger import ledger_record
 from user_credits.store.models import (
-    AccountItem,
     BalanceRecord,
     LedgerRecord,
-    OfferRecord,
-    OrderRecord,
-    SweepProgressRecord,
     group_sk,
 )
 from user_credits_dev import template as tpl
@@ -115,19 +109,9 @@ class ReadMeter:
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> ReadMeter:
+def reads(sweep_service: Service, monkeypatch: pytest.MonkeyPatch) -> ReadMeter:
     meter = ReadMeter()
-    make_session = pynamodb_base.get_session
-
-    def metered_session() -> Session:
-        session = make_session()
-        session.register("after-call.dynamodb", meter.after_call)
-        return session
-
-    # pynamodb makes one botocore session per Connection (and thread); drop the cached ones.
-    monkeypatch.setattr(pynamodb_base, "get_session", metered_session)
-    for model in (OfferRecord, AccountItem, BalanceRecord, OrderRecord, LedgerRecord, SweepProgressRecord):
-        monkeypatch.setattr(model, "_connection", None)
+    hook_dynamodb_clients(monkeypatch, sweep_service, {"after-call.dynamodb": meter.after_call})
     return meter
 
 

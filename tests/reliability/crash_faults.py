@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import pynamodb.connection.base
 import pytest
 from botocore.exceptions import ClientError
+from conftest import dynamodb_hooks
 
 KINDS = ["died", "canceled", "throttled"]
 PHASES = ["before", "after"]
@@ -67,19 +67,7 @@ class Fault:
 
 @contextmanager
 def dynamodb_faults(service: Any, monkeypatch: pytest.MonkeyPatch, kind: str, phase: str) -> Iterator[Fault]:
-    """Hooks every botocore session pynamodb creates (one per connection) on `before-call` or `after-call`."""
+    """A `Fault` of `kind` on every DynamoDB call (`before-call` or `after-call`) made inside the block."""
     fault = Fault(kind, phase)
-    original = pynamodb.connection.base.get_session
-
-    def session_with_hook() -> Any:
-        session = original()
-        session.register(f"{phase}-call.dynamodb", fault.hook)
-        return session
-
-    monkeypatch.setattr(pynamodb.connection.base, "get_session", session_with_hook)
-    service.rebind()  # drop cached connections so every client comes from a hooked session
-    try:
+    with dynamodb_hooks(service, {f"{phase}-call.dynamodb": fault.hook}):
         yield fault
-    finally:
-        monkeypatch.setattr(pynamodb.connection.base, "get_session", original)
-        service.rebind()
