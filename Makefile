@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export SAM_CLI_TELEMETRY := 0
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: dev test install lint typecheck template-lint pytest bench soak clean
+.PHONY: dev test install lint typecheck template-lint built-imports pytest bench soak clean layer-lock
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; run: make PYTHON=python3 ..."; exit 1; }
@@ -41,18 +41,47 @@ template-lint: $(VENV)/.installed $(SAMVENV)/.installed
 	$(VENV)/bin/cfn-lint template.yaml
 	AWS_ACCESS_KEY_ID=none AWS_SECRET_ACCESS_KEY=none $(SAMVENV)/bin/sam validate --lint --template template.yaml
 
+# Lambda's Python for the layer build and the import check: on PATH, else pyenv's (this machine image has
+# it there); nothing here downloads an interpreter.
+PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13))
+BUILT := .aws-sam-check
+SAM_BUILD = AWS_ACCESS_KEY_ID=none AWS_SECRET_ACCESS_KEY=none PYTHON="$(PY313)" PATH="$(dir $(PY313)):$$PATH" \
+	$(SAMVENV)/bin/sam build --base-dir .
+
+# `sam build` as deployed (arm64), and an x86_64 build of the same template that this machine can run:
+# every function is imported from it with python3.13, only its folder and the layer on the path.
+built-imports: $(SAMVENV)/.installed
+	@test -n "$(PY313)" || { echo "python3.13 not found: put it on PATH or pass PY313=/path/to/python3.13"; exit 1; }
+	rm -rf $(BUILT)/arm64 $(BUILT)/x86_64 && mkdir -p $(BUILT)
+	$(SAM_BUILD) --template template.yaml --build-dir $(BUILT)/arm64 >$(BUILT)/arm64.log 2>&1 \
+		|| { cat $(BUILT)/arm64.log; exit 1; }
+	sed 's/arm64/x86_64/g' template.yaml > $(BUILT)/template-x86_64.yaml
+	LAYER_PLATFORM=manylinux2014_x86_64 $(SAM_BUILD) --template $(BUILT)/template-x86_64.yaml \
+		--build-dir $(BUILT)/x86_64 >$(BUILT)/x86_64.log 2>&1 || { cat $(BUILT)/x86_64.log; exit 1; }
+	$(PY313) -I devtools/user_credits_dev/built_imports.py $(BUILT)/x86_64 --runs 1
+
+# Re-resolve the layer's pinned dependencies (with hashes) after changing shared/requirements.txt.
+layer-lock:
+	@test -n "$(PY313)" || { echo "python3.13 not found"; exit 1; }
+	rm -rf $(BUILT)/lockvenv && $(PY313) -m venv $(BUILT)/lockvenv
+	$(BUILT)/lockvenv/bin/pip install --quiet pip-tools
+	cd shared && ../$(BUILT)/lockvenv/bin/pip-compile --quiet --generate-hashes --strip-extras --no-header \
+		--allow-unsafe --no-emit-index-url --no-emit-find-links requirements.txt -o requirements.lock
+
 # Two workers: much of the suite waits on DynamoDB Local and subprocesses, so 2 cores give ~1.7x.
 pytest: install
 	$(VENV)/bin/pytest -q -n 2 $(PYTEST_ARGS)
 
-test: install lint typecheck template-lint pytest
+test: install lint typecheck template-lint built-imports pytest
 
 dev: $(VENV)/.installed
 	$(VENV)/bin/user-credits dev
 
-bench: install
+bench: install built-imports
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.sweep
+	$(PY313) -I devtools/user_credits_dev/built_imports.py $(BUILT)/x86_64 --runs 5 \
+		| tee benchmarks/results/built_imports.json
 
 # The property suites for longer (about 8 minutes): 4 minutes of stateful model checking with new
 # seeds, then the hostile-input fuzzing and schemathesis with the soak profile.
@@ -63,4 +92,4 @@ soak: install
 		tests/reliability/test_hostile_input.py tests/reliability/test_schemathesis.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(SAMVENV) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAMVENV) .cache .pytest_cache .mypy_cache .ruff_cache $(BUILT)

@@ -7,8 +7,10 @@ baseline is `import boto3` alone in the same way. One extra `-X importtime` run 
 packages the time went to, and the same subprocess reports whether `stripe` ended up in sys.modules.
 
 Sizes: each function's code folder, and the layer = `shared/` (the user_credits package) plus the
-installed distributions that shared/requirements.txt pulls in. boto3 and its dependencies are in the
-Lambda Python runtime, so they are listed apart.
+installed distributions that shared/requirements.txt pulls in. boto3 and its dependencies are listed
+apart: the Lambda runtime has its own, though the layer ships the pinned ones (shared/requirements.lock).
+This runs in the dev venv; `make bench` also times the same imports from the built layer under
+python3.13 (devtools/user_credits_dev/built_imports.py).
 """
 
 from __future__ import annotations
