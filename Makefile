@@ -6,6 +6,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 SAMVENV := .venv-sam
+CKVVENV := .venv-checkov
 PY := $(VENV)/bin/python
 export SAM_CLI_TELEMETRY := 0
 export AWS_DEFAULT_REGION ?= us-east-1
@@ -26,10 +27,17 @@ $(SAMVENV)/.installed:
 	$(SAMVENV)/bin/python -m pip install --quiet 'aws-sam-cli>=1.130'
 	touch $@
 
+# checkov too: its own pins would fight the dev venv's.
+$(CKVVENV)/.installed:
+	$(PYTHON) -m venv $(CKVVENV)
+	$(CKVVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CKVVENV)/bin/python -m pip install --quiet 'checkov>=3.3,<4'
+	touch $@
+
 .cache/dynamodb-local/DynamoDBLocal.jar: | $(VENV)/.installed
 	$(PY) -c 'from user_credits_dev.dynamodb_local import ensure_jar; print(ensure_jar())'
 
-install: $(VENV)/.installed $(SAMVENV)/.installed .cache/dynamodb-local/DynamoDBLocal.jar
+install: $(VENV)/.installed $(SAMVENV)/.installed $(CKVVENV)/.installed .cache/dynamodb-local/DynamoDBLocal.jar
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check shared devtools client functions tests benchmarks
@@ -37,9 +45,10 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy shared devtools client
 
-template-lint: $(VENV)/.installed $(SAMVENV)/.installed
+template-lint: $(VENV)/.installed $(SAMVENV)/.installed $(CKVVENV)/.installed
 	$(VENV)/bin/cfn-lint template.yaml
 	AWS_ACCESS_KEY_ID=none AWS_SECRET_ACCESS_KEY=none $(SAMVENV)/bin/sam validate --lint --template template.yaml
+	$(CKVVENV)/bin/checkov --config-file .checkov.yaml
 
 # Lambda's Python for the layer build and the import check: on PATH, else pyenv's (this machine image has
 # it there); nothing here downloads an interpreter.
@@ -92,4 +101,4 @@ soak: install
 		tests/reliability/test_hostile_input.py tests/reliability/test_schemathesis.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(SAMVENV) .cache .pytest_cache .mypy_cache .ruff_cache $(BUILT)
+	rm -rf $(VENV) $(SAMVENV) $(CKVVENV) .cache .pytest_cache .mypy_cache .ruff_cache $(BUILT)
