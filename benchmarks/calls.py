@@ -158,6 +158,10 @@ def _setup(b: Bench) -> None:
     if function_ready("admin_grants"):
         s.call("POST", f"/admin/users/{b.id('user')}/grants", {"offerGroup": b.id("group"), "tokens": 1_000},
                iam=True)
+        # A group of 10 lots: a consume pays for the whole balance item, book included (issue 11).
+        for number in range(10):
+            s.call("POST", f"/admin/users/{b.id('user')}/grants",
+                   {"offerGroup": b.id("biggroup"), "tokens": 100 + number}, iam=True)
     _write_expired_group(b.id("user"), b.id("oldgroup"))
     if function_ready("create_order"):
         for name in ("get-order", "paid-order", "odd-order", "failed-order", "sig-order"):
@@ -293,6 +297,9 @@ def scenarios() -> list[Scenario]:
                  _calls_at_most(0)),
         Scenario("POST /users/{userId}/consume", "success", "consume",
                  lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1}), 200, "<= 2 calls", _calls_at_most(2)),
+        Scenario("POST /users/{userId}/consume", "success, group of 10 lots", "consume",
+                 lambda b: _consume(b, {"offerGroup": b.id("biggroup"), "tokens": 1}), 200, "<= 2 calls",
+                 _calls_at_most(2)),
         Scenario("POST /users/{userId}/consume", "insufficient (402)", "consume",
                  lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1_000_000}), 402, "<= 2 calls",
                  _calls_at_most(2)),
