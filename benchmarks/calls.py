@@ -176,12 +176,13 @@ def _setup(b: Bench) -> None:
 def _write_expired_group(user_id: str, group: str) -> None:
     """A group whose one lot of 5 expired an hour ago, written directly (the sweep has not run yet)."""
     from user_credits.domain.lots import Book, NewLot
-    from user_credits.store.models import BalanceRecord, group_sk
+    from user_credits.store.models import BalanceRecord, BookRecord, book_sk, group_sk
 
     expired = datetime.now(UTC) - timedelta(hours=1)
     book, _ = Book(group).credit(NewLot("bench", "grant", 5, expired - timedelta(days=1), expired), "grant")
     BalanceRecord(user_id, group_sk(group), offerGroup=group, balance=5, expiresAt=expired, nextExp=expired,
-                  book=book.to_record()).save()
+                  bookVer=1).save()
+    BookRecord(user_id, book_sk(group), offerGroup=group, book=book.to_record(), ver=1).save()
 
 
 def _create_order(b: Bench, offer: str, key: str | None = None) -> Reply:

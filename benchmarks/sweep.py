@@ -99,11 +99,12 @@ def seed(users: int, due: int, start: datetime) -> list[str]:
     from user_credits.domain.lots import Book, NewLot
     from user_credits.store.balances import due_shard, due_sort
     from user_credits.store.ledger import ledger_record
-    from user_credits.store.models import BalanceRecord, LedgerRecord, group_sk
+    from user_credits.store.models import BalanceRecord, BookRecord, LedgerRecord, book_sk, group_sk
 
     group = "bench-group"
     ids = [f"user-{uuid.uuid4().hex[:12]}" for _ in range(users)]
-    with BalanceRecord.batch_write() as balances, LedgerRecord.batch_write() as ledger:
+    with BalanceRecord.batch_write() as balances, BookRecord.batch_write() as books, \
+            LedgerRecord.batch_write() as ledger:
         for number, user in enumerate(ids):
             if number < due:
                 expires_at = start + timedelta(minutes=5, seconds=number)
@@ -112,9 +113,10 @@ def seed(users: int, due: int, start: datetime) -> list[str]:
             book, _ = Book(group).credit(NewLot("bench", "grant", 100, start, expires_at), "grant")
             balances.save(BalanceRecord(
                 user, group_sk(group), offerGroup=group, balance=100, expiresAt=expires_at, seq=1,
-                updatedAt=start, book=book.to_record(), nextExp=expires_at, dueShard=due_shard(user, group),
+                updatedAt=start, bookVer=1, nextExp=expires_at, dueShard=due_shard(user, group),
                 dueSort=due_sort(user, group, expires_at),
             ))
+            books.save(BookRecord(user, book_sk(group), offerGroup=group, book=book.to_record(), ver=1))
             ledger.save(ledger_record(LedgerEntry(
                 user_id=user, offer_group=group, delta=100, balance_after=100, reason="grant", at=start, seq=1)))
     return ids[:due]

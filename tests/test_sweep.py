@@ -33,7 +33,9 @@ from user_credits.store.expiry import index_entries, position_through
 from user_credits.store.ledger import ledger_record
 from user_credits.store.models import (
     BalanceRecord,
+    BookRecord,
     LedgerRecord,
+    book_sk,
     group_sk,
 )
 from user_credits_dev import template as tpl
@@ -140,14 +142,15 @@ def ledger_entry(user: str, group: str, delta: int, at: datetime, seq: int = 1) 
 def seed_in_bulk(rows: list[tuple[str, str, int, datetime]], at: datetime) -> None:
     """(user, group, balance, expiresAt) groups of one lot with its one ledger entry, written by
     BatchWriteItem in the shape `stage_group_change` gives them (the first test checks both side by side)."""
-    with BalanceRecord.batch_write() as batch:
+    with BalanceRecord.batch_write() as batch, BookRecord.batch_write() as books:
         for user, group, balance, expires_at in rows:
             book, _ = Book(group).credit(NewLot("seed", "grant", balance, at, expires_at), "grant")
             batch.save(BalanceRecord(
                 user, group_sk(group), offerGroup=group, balance=balance, expiresAt=expires_at, seq=1,
-                updatedAt=at, book=book.to_record(), nextExp=expires_at, dueShard=due_shard(user, group),
+                updatedAt=at, bookVer=1, nextExp=expires_at, dueShard=due_shard(user, group),
                 dueSort=due_sort(user, group, expires_at),
             ))
+            books.save(BookRecord(user, book_sk(group), offerGroup=group, book=book.to_record(), ver=1))
     with LedgerRecord.batch_write() as batch:
         for user, group, balance, _ in rows:
             batch.save(ledger_record(ledger_entry(user, group, balance, at)))
@@ -199,7 +202,9 @@ def test_sweep_reads_grow_with_due_groups_not_with_users(sweep_service: Service,
         # Seeded items carry the index keys the store writes.
         written, seeded = (BalanceRecord.get(u, group_sk(group)) for u in due[:2])
         assert (written.nextExp, written.dueSort.split("#")[0]) == (seeded.nextExp, seeded.dueSort.split("#")[0])
-        assert written.book["lots"][0]["remaining"] == seeded.book["lots"][0]["remaining"] == 30
+        assert written.bookVer == seeded.bookVer == 1
+        written_book, seeded_book = (BookRecord.get(u, book_sk(group)) for u in due[:2])
+        assert written_book.book["lots"][0]["remaining"] == seeded_book.book["lots"][0]["remaining"] == 30
         assert sum(1 for _ in index_entries("", position_through(T0 + timedelta(days=200)))) == 410
 
     with time_machine.travel(T0 + timedelta(hours=2), tick=True):

@@ -14,7 +14,7 @@ from user_credits.events.publisher import publish
 from user_credits.logic import expiry
 from user_credits.observability import count
 from user_credits.store import consumption as store
-from user_credits.store.balances import GroupState
+from user_credits.store.balances import GroupState, read_group
 from user_credits.store.idempotency import request_hash, scoped_key
 
 
@@ -42,8 +42,9 @@ def consume_tokens(
     try:
         try:
             decided = decide()
-        except store.LotsDue as due:
-            _refuse_if_short(due.group, tokens, max_overdraft, now)
+        except store.LotsDue:
+            # Decided on the group as it is now: consumes since the refusal are in its balance.
+            _refuse_if_short(read_group(user_id, offer_group), tokens, max_overdraft, now)
             # It would pass once the due lots are gone: expire them (a rewrite), then decide again.
             expiry.publish_expiry(expiry.expire_group(user_id, offer_group, now), now)
             try:
@@ -67,7 +68,7 @@ def consume_tokens(
 
 
 def _refuse_if_short(group: GroupState, tokens: int, max_overdraft: int, now: datetime) -> None:
-    """SPEC 2.5 on the group as the refusal saw it, with its due lots gone: refuse without writing
+    """SPEC 2.5 on the group with its due lots gone: refuse without writing
     anything (a refusal changes nothing), or return when the consume will pass after the expiry."""
     book, _ = group.book.expire(now)
     spendable = book.spendable(now)

@@ -9,11 +9,11 @@ import re
 from typing import Any, Final
 
 from user_credits.domain.clock import to_iso, utc_now
-from user_credits.domain.lots import current_book
 from user_credits.domain.orders import PAID_STATUSES
-from user_credits.errors import ValidationFailed
+from user_credits.errors import ServiceBusy, ValidationFailed
 from user_credits.store import ledger as ledger_store
-from user_credits.store.models import AccountItem, BalanceRecord, OrderRecord
+from user_credits.store.balances import TornRead, book_of
+from user_credits.store.models import AccountItem, BalanceRecord, BookRecord, OrderRecord
 from user_credits.store.orders import to_order
 
 # Orders that still stand for credits the user bought: the one definition of a paid order.
@@ -26,18 +26,37 @@ def credits_of(user_id: str) -> dict[str, Any]:
     The balance counts live lots only (SPEC 2.5), whether or not the sweep has expired the others yet,
     and each lot's `remaining` includes every consume so far (the book is burned as it is read).
     """
+    for _ in range(TORN_READ_ATTEMPTS):
+        try:
+            return _credits_once(user_id)
+        except TornRead:
+            continue  # a rewrite committed while the Query read the partition: read it again
+    raise ServiceBusy("the credits of this user are changing, retry shortly")
+
+
+TORN_READ_ATTEMPTS: Final = 5
+
+
+def _credits_once(user_id: str) -> dict[str, Any]:
     now = utc_now()
     groups: list[dict[str, Any]] = []
     orders: list[dict[str, Any]] = []
+    balances: list[BalanceRecord] = []
+    books: dict[str, BookRecord] = {}
     for record in AccountItem.query(user_id):
         if isinstance(record, BalanceRecord):
-            book = current_book(record.offerGroup, record.book, int(record.balance))
-            groups.append({
-                "offerGroup": record.offerGroup, "balance": book.spendable(now), "expiresAt": to_iso(book.expires_at),
-                "lots": [lot.to_json() for lot in book.live_lots(now)],
-            })
+            balances.append(record)
+        elif isinstance(record, BookRecord):
+            books[record.offerGroup] = record
         elif isinstance(record, OrderRecord) and record.status in LISTED_ORDER_STATUSES:
             orders.append(to_order(record).to_json())
+    for balance in balances:
+        # A Query is read-committed per item, not a snapshot: `book_of` refuses a torn pair.
+        book = book_of(balance, books.get(balance.offerGroup))
+        groups.append({
+            "offerGroup": balance.offerGroup, "balance": book.spendable(now), "expiresAt": to_iso(book.expires_at),
+            "lots": [lot.to_json() for lot in book.live_lots(now)],
+        })
     groups.sort(key=lambda g: g["offerGroup"])
     orders.sort(key=lambda o: (o["createdAt"] or "", o["orderId"]), reverse=True)
     return {"userId": user_id, "groups": groups, "orders": orders}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from user_credits.domain.lots import current_book
+from user_credits.store.balances import read_group
 from user_credits.store.consumption import flush_outbox
 from user_credits.store.ledger import ledger_sums
 from user_credits.store.models import GROUP_PREFIX, AccountItem, BalanceRecord, LedgerRecord
@@ -50,9 +50,9 @@ def _records(user_id: str) -> list[BalanceRecord]:
     return [r for r in query if isinstance(r, BalanceRecord)]
 
 
-def book_problems(record: BalanceRecord) -> list[str]:
-    book = current_book(record.offerGroup, record.book, int(record.balance))
-    where = f"{record.userId}/{record.offerGroup}"
+def book_problems(user_id: str, offer_group: str) -> list[str]:
+    book = read_group(user_id, offer_group).book
+    where = f"{user_id}/{offer_group}"
     problems = [f"{where}: lot {lot.lot_id} holds {lot.remaining} of {lot.granted}"
                 for lot in book.lots if not 0 <= lot.remaining <= lot.granted]
     if book.debt < 0:
@@ -70,7 +70,7 @@ def check_user(user_id: str) -> InvariantReport:
     sums = ledger_sums(user_id)
     report = InvariantReport(users=1, groups=len(set(balances) | set(sums)))
     for record in records:
-        report.unsound_books.extend(book_problems(record))
+        report.unsound_books.extend(book_problems(user_id, record.offerGroup))
     for group in sorted(set(balances) | set(sums)):
         balance, total = balances.get(group, 0), sums.get(group, 0)
         if balance != total:

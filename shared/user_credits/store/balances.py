@@ -1,10 +1,11 @@
-"""Balance items (`GROUP#<group>`) and the one way a read-then-write path changes them.
+"""Balance items (`GROUP#<group>`), their books (`BOOK#<group>`), and the one way a read-then-write
+path changes them.
 
-`read_group` takes a consistent snapshot, with the group's book brought up to date (the consumes since
-the last rewrite burned in spending order, see `domain.lots`). `stage_group_change` adds to a
-transaction the balance update (conditioned on the `seq` that was read), the new book, and one ledger
-item per movement with exact `balanceAfter` values. If anything changed the group in between, the whole
-transaction fails and the caller re-reads (see `transactions.optimistic`).
+`read_group` reads both items (one consistent BatchGetItem, checked for a torn pair), with the book
+brought up to date (the consumes since the last rewrite burned in spending order, see `domain.lots`).
+`stage_group_change` adds to a transaction the balance update (conditioned on the `seq` that was read),
+the new book, and one ledger item per movement with exact `balanceAfter` values. If anything changed the
+group in between, the whole transaction fails and the caller re-reads (see `transactions.optimistic`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from pynamodb.transactions import TransactWrite
 from user_credits.domain.clock import to_iso
 from user_credits.domain.ledger import LedgerEntry
 from user_credits.domain.lots import Book, Movement, current_book
+from user_credits.errors import ServiceBusy
 from user_credits.store.ledger import ledger_record
-from user_credits.store.models import BalanceRecord, LedgerRecord, group_sk
+from user_credits.store.models import AccountItem, BalanceRecord, BookRecord, LedgerRecord, book_sk, group_sk
 
 # Partition keys of the byDue index: what falls due at one moment spreads over all of them.
 DUE_SHARDS: Final = 16
+# Reads of a group torn by a concurrent rewrite, tried again before giving up (as a lost race).
+TORN_READ_ATTEMPTS: Final = 5
 
 
 @dataclass(frozen=True)
@@ -41,31 +45,54 @@ class GroupState:
     exists: bool = False
     # What the item says: a group whose stored nextExp is stale is rewritten by the sweep.
     stored_next_expiry: datetime | None = None
+    book_version: int = 0
 
     @property
     def expires_at(self) -> datetime | None:
         return self.book.expires_at
 
 
-def to_state(record: BalanceRecord) -> GroupState:
-    balance = int(record.balance)
+class TornRead(Exception):
+    """A balance and a book from different rewrites (a read that a transaction interleaved): read again."""
+
+
+def book_of(record: BalanceRecord, book: BookRecord | None) -> Book:
+    """The group's book as of now; the two items must come from the same rewrite."""
+    version = int(record.bookVer or 0)
+    if (book.ver if book is not None else 0) != version:
+        raise TornRead(f"book {book.ver if book else None} != balance's {version} for {record.offerGroup!r}")
+    return current_book(record.offerGroup, book.book if book is not None else None, int(record.balance))
+
+
+def to_state(record: BalanceRecord, book: BookRecord | None) -> GroupState:
     return GroupState(
         user_id=record.userId,
         offer_group=record.offerGroup,
-        balance=balance,
+        balance=int(record.balance),
         seq=int(record.seq),
         exists=True,
-        book=current_book(record.offerGroup, record.book, balance),
+        book=book_of(record, book),
         stored_next_expiry=record.nextExp,
+        book_version=int(record.bookVer or 0),
     )
 
 
 def read_group(user_id: str, offer_group: str) -> GroupState:
-    try:
-        record = BalanceRecord.get(user_id, group_sk(offer_group), consistent_read=True)
-    except BalanceRecord.DoesNotExist:
-        return GroupState(user_id, offer_group, Book(offer_group))
-    return to_state(record)
+    """Both items in one consistent BatchGetItem. The two reads are not one snapshot, but every rewrite
+    bumps the book's version on both items, so a pair torn by a rewrite in between is seen and read
+    again; a consume in between changes only the balance, which the burn accounts for."""
+    for _ in range(TORN_READ_ATTEMPTS):
+        found = list(AccountItem.batch_get([(user_id, group_sk(offer_group)), (user_id, book_sk(offer_group))],
+                                           consistent_read=True))
+        record = next((item for item in found if isinstance(item, BalanceRecord)), None)
+        if record is None:
+            return GroupState(user_id, offer_group, Book(offer_group))
+        book = next((item for item in found if isinstance(item, BookRecord)), None)
+        try:
+            return to_state(record, book)
+        except TornRead:
+            continue
+    raise ServiceBusy("the group kept changing while it was read, retry shortly")
 
 
 def due_shard(user_id: str, offer_group: str) -> str:
@@ -118,7 +145,9 @@ def stage_group_change(
         )
     if book.total != balance:
         raise AssertionError(f"book total {book.total} != balance {balance} for {before.offer_group!r}")
-    after = replace(before, balance=balance, seq=seq, exists=True, book=book, stored_next_expiry=book.next_expiry)
+    version = before.book_version + 1
+    after = replace(before, balance=balance, seq=seq, exists=True, book=book, stored_next_expiry=book.next_expiry,
+                    book_version=version)
     key = BalanceRecord(before.user_id, group_sk(before.offer_group))
     expires_at = book.expires_at
     actions: list[Action] = [
@@ -128,13 +157,16 @@ def stage_group_change(
         BalanceRecord.balance.set(balance),
         BalanceRecord.seq.set(seq),
         BalanceRecord.updatedAt.set(at),
-        BalanceRecord.book.set(book.to_record()),
+        BalanceRecord.bookVer.set(version),
         BalanceRecord.expiresAt.set(expires_at) if expires_at is not None else BalanceRecord.expiresAt.remove(),
         *due_index_actions(before.user_id, before.offer_group, book.next_expiry),
     ]
     # The read-then-write guard: nothing (a consume, another purchase) changed the group since `before`.
     guard = BalanceRecord.seq == before.seq if before.exists else BalanceRecord.sk.does_not_exist()
     tx.update(key, actions=actions, condition=guard)
+    # No condition of its own: the balance's guard covers both items of the group.
+    tx.save(BookRecord(before.user_id, book_sk(before.offer_group), offerGroup=before.offer_group,
+                       book=book.to_record(), ver=version))
     for entry in entries:
         tx.save(ledger_record(entry), condition=LedgerRecord.entryKey.does_not_exist())
     return after, entries

@@ -45,7 +45,6 @@ from user_credits.domain.clock import from_iso, to_iso
 from user_credits.domain.ledger import LedgerEntry
 from user_credits.errors import CreditsExpired, IdempotencyKeyReused, InsufficientCredits, ServiceBusy
 from user_credits.observability import count, logger
-from user_credits.store.balances import GroupState, to_state
 from user_credits.store.idempotency import TTL_SECONDS, StoredResponse
 from user_credits.store.ledger import ledger_record
 from user_credits.store.models import BalanceRecord, IdempotencyRecord, LedgerRecord, group_sk
@@ -218,11 +217,7 @@ def _debit_update(
 
 class LotsDue(Exception):
     """The consume was refused because a lot that held tokens has expired since the group's last
-    rewrite: the stored balance still counts it. `group` is the item as the refusal saw it."""
-
-    def __init__(self, group: GroupState) -> None:
-        super().__init__(f"a lot of {group.offer_group!r} is due")
-        self.group = group
+    rewrite: the stored balance still counts it, so the caller must look at the group's lots."""
 
 
 def _refusal(
@@ -232,7 +227,7 @@ def _refusal(
     old = old or {}
     next_expiry = old.get("nextExp", {}).get("S")
     if next_expiry is not None and next_expiry <= _time(now):
-        return LotsDue(to_state(BalanceRecord.from_raw_data({**old, "userId": {"S": user_id}})))
+        return LotsDue(f"a lot of {old.get('offerGroup', {}).get('S')!r} is due")
     balance = int(old["balance"]["N"]) if "balance" in old else 0
     expires = old.get("expiresAt", {}).get("S")
     if expires is not None and expires <= _time(now):

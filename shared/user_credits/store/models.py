@@ -27,6 +27,7 @@ from pynamodb.models import Model
 from user_credits.config import Settings
 
 GROUP_PREFIX = "GROUP#"
+BOOK_PREFIX = "BOOK#"
 ORDER_PREFIX = "ORDER#"
 
 
@@ -84,8 +85,8 @@ class BalanceRecord(AccountItem, discriminator="balance"):
     expiresAt = UTCDateTimeAttribute(null=True)
     # The soonest expiry of a lot that held tokens at the last rewrite: consumes are allowed before it.
     nextExp = UTCDateTimeAttribute(null=True)
-    # The lots and the debt as the last rewrite left them (domain.lots.Book.to_record).
-    book = JSONAttribute(null=True)
+    # The version of the group's book (its own item, BookRecord): bumped by every rewrite, never by a consume.
+    bookVer = NumberAttribute(null=True)
     # Incremented by every change: the order of the ledger entries of this group, and the
     # optimistic-concurrency token of the read-then-write paths (purchase, refund, grant, expiry).
     seq = NumberAttribute(default=0)
@@ -94,6 +95,19 @@ class BalanceRecord(AccountItem, discriminator="balance"):
     updatedAt = UTCDateTimeAttribute(null=True)
 
     byDue = DueIndex()
+
+
+class BookRecord(AccountItem, discriminator="book"):
+    """A group's lots and debt as the last rewrite left them (`BOOK#<group>`, beside its balance item).
+
+    An item of its own because DynamoDB charges a write by the whole item: a consume writes only the
+    small balance item, whatever the lots. Written with the balance in the rewrites' transactions, read
+    with it in one BatchGetItem; `ver` equals the balance item's `bookVer`.
+    """
+
+    offerGroup = UnicodeAttribute()
+    book = JSONAttribute()
+    ver = NumberAttribute()
 
 
 class OrderRecord(AccountItem, discriminator="order"):
@@ -193,12 +207,12 @@ def bind_tables(settings: Settings) -> None:
     if _bound == names:
         return
     OfferRecord.Meta.table_name = settings.offers_table
-    for account_model in (AccountItem, BalanceRecord, OrderRecord):
+    for account_model in (AccountItem, BalanceRecord, BookRecord, OrderRecord):
         account_model.Meta.table_name = settings.accounts_table
     LedgerRecord.Meta.table_name = settings.ledger_table
     IdempotencyRecord.Meta.table_name = settings.idempotency_table
     models: tuple[type[Model], ...] = (
-        OfferRecord, AccountItem, BalanceRecord, OrderRecord, LedgerRecord, IdempotencyRecord,
+        OfferRecord, AccountItem, BalanceRecord, BookRecord, OrderRecord, LedgerRecord, IdempotencyRecord,
     )
     for model in models:
         # A cached connection keeps the old table name (and the old endpoint).
@@ -227,6 +241,10 @@ def shared_connection() -> Connection:
 
 def group_sk(offer_group: str) -> str:
     return GROUP_PREFIX + offer_group
+
+
+def book_sk(offer_group: str) -> str:
+    return BOOK_PREFIX + offer_group
 
 
 def order_sk(order_id: str) -> str:
