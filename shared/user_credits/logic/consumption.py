@@ -9,12 +9,13 @@ from typing import Any
 from user_credits.config import load_settings
 from user_credits.domain.balances import crossed_below
 from user_credits.domain.clock import to_iso, utc_now
+from user_credits.domain.lots import Book
 from user_credits.errors import CreditsExpired, InsufficientCredits, ServiceBusy
 from user_credits.events.publisher import publish
 from user_credits.logic import expiry
 from user_credits.observability import count
 from user_credits.store import consumption as store
-from user_credits.store.balances import GroupState, read_group
+from user_credits.store.balances import read_group
 from user_credits.store.idempotency import request_hash, scoped_key
 
 
@@ -43,8 +44,9 @@ def consume_tokens(
         try:
             decided = decide()
         except store.LotsDue:
-            # Decided on the group as it is now: consumes since the refusal are in its balance.
-            _refuse_if_short(read_group(user_id, offer_group), tokens, max_overdraft, now)
+            # Decided on the group as it is now (consumes since the refusal are in its balance), with
+            # only its live lots: refused here, nothing is written.
+            require_credits(read_group(user_id, offer_group).book, tokens, max_overdraft, now)
             # It would pass once the due lots are gone: expire them (a rewrite), then decide again.
             expiry.publish_expiry(expiry.expire_group(user_id, offer_group, now), now)
             try:
@@ -67,16 +69,18 @@ def consume_tokens(
     return ConsumeResult(200, debit.receipt())
 
 
-def _refuse_if_short(group: GroupState, tokens: int, max_overdraft: int, now: datetime) -> None:
-    """SPEC 2.5 on the group with its due lots gone: refuse without writing
-    anything (a refusal changes nothing), or return when the consume will pass after the expiry."""
-    book, _ = group.book.expire(now)
+def require_credits(
+    book: Book, tokens: int, max_overdraft: int, now: datetime, short: str = "not enough credits in this group",
+) -> None:
+    """SPEC 2.5 on a group's book, the one copy the read-then-write paths use: taking `tokens` must leave
+    the live lots' balance at or above -maxOverdraft. A refusal is `credits_expired` when the group has
+    lots and all have expired, else `insufficient_credits` (with `short` as its message)."""
     spendable = book.spendable(now)
     if spendable - tokens >= -max_overdraft:
         return
-    if group.book.all_expired(now):
+    if book.all_expired(now):
         raise CreditsExpired("the credits of this group have expired", balance=spendable)
-    raise InsufficientCredits("not enough credits in this group", balance=spendable)
+    raise InsufficientCredits(short, balance=spendable)
 
 
 def announce_low_balance(debit: store.Debit) -> None:

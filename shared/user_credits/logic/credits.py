@@ -10,9 +10,9 @@ from typing import Any, Final
 
 from user_credits.domain.clock import to_iso, utc_now
 from user_credits.domain.orders import PAID_STATUSES
-from user_credits.errors import ServiceBusy, ValidationFailed
+from user_credits.errors import ValidationFailed
 from user_credits.store import ledger as ledger_store
-from user_credits.store.balances import TornRead, book_of
+from user_credits.store.balances import book_of, untorn
 from user_credits.store.models import AccountItem, BalanceRecord, BookRecord, OrderRecord
 from user_credits.store.orders import to_order
 
@@ -26,15 +26,8 @@ def credits_of(user_id: str) -> dict[str, Any]:
     The balance counts live lots only (SPEC 2.5), whether or not the sweep has expired the others yet,
     and each lot's `remaining` includes every consume so far (the book is burned as it is read).
     """
-    for _ in range(TORN_READ_ATTEMPTS):
-        try:
-            return _credits_once(user_id)
-        except TornRead:
-            continue  # a rewrite committed while the Query read the partition: read it again
-    raise ServiceBusy("the credits of this user are changing, retry shortly")
-
-
-TORN_READ_ATTEMPTS: Final = 5
+    # A rewrite that commits while the Query reads the partition tears a balance from its book: read again.
+    return untorn(lambda: _credits_once(user_id), "the credits of this user")
 
 
 def _credits_once(user_id: str) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from typing import Any
 
 from user_credits.domain.clock import to_iso, utc_now
 from user_credits.domain.lots import DEFAULT_PRIORITY, Book, Movement, NewLot
-from user_credits.errors import CreditsExpired, InsufficientCredits, ValidationFailed
+from user_credits.errors import ValidationFailed
 from user_credits.events.publisher import publish
+from user_credits.logic.consumption import require_credits
 from user_credits.observability import count
 from user_credits.store.balances import GroupState, read_group, stage_group_change
 from user_credits.store.idempotency import lookup, request_hash, scoped_key, stage_record
@@ -56,11 +57,7 @@ def plan_grant(
             raise ValidationFailed("a negative grant cannot set expiresAt")
         if priority is not None:
             raise ValidationFailed("a negative grant is no lot, so it cannot set priority")
-        spendable = before.book.spendable(now)
-        if before.book.all_expired(now):
-            raise CreditsExpired("the credits of this group have expired", balance=spendable)
-        if spendable + tokens < 0:
-            raise InsufficientCredits("a corrective grant cannot take the balance below 0", balance=spendable)
+        require_credits(before.book, -tokens, 0, now, short="a corrective grant cannot take the balance below 0")
         book, movements = before.book.expire(now)
         book, _ = book.take(-tokens)
         movements.append(Movement(tokens, "grant", idempotency_key=key, note=note))

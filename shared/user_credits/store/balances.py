@@ -11,10 +11,10 @@ group in between, the whole transaction fails and the caller re-reads (see `tran
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Final
+from typing import Final, TypeVar
 
 from pynamodb.expressions.operand import Path
 from pynamodb.expressions.update import Action
@@ -26,6 +26,8 @@ from user_credits.domain.lots import Book, Movement, current_book
 from user_credits.errors import ServiceBusy
 from user_credits.store.ledger import ledger_record
 from user_credits.store.models import AccountItem, BalanceRecord, BookRecord, LedgerRecord, book_sk, group_sk
+
+T = TypeVar("T")
 
 # Partition keys of the byDue index: what falls due at one moment spreads over all of them.
 DUE_SHARDS: Final = 16
@@ -77,22 +79,31 @@ def to_state(record: BalanceRecord, book: BookRecord | None) -> GroupState:
     )
 
 
+def untorn(read: Callable[[], T], what: str) -> T:
+    """Run `read` again while a concurrent rewrite tears the balance/book pair it reads (`TornRead`):
+    the one retry of the read paths, as `transactions.optimistic` is the one of the writes."""
+    for _ in range(TORN_READ_ATTEMPTS):
+        try:
+            return read()
+        except TornRead:
+            continue
+    raise ServiceBusy(f"{what} kept changing while it was read, retry shortly")
+
+
 def read_group(user_id: str, offer_group: str) -> GroupState:
     """Both items in one consistent BatchGetItem. The two reads are not one snapshot, but every rewrite
     bumps the book's version on both items, so a pair torn by a rewrite in between is seen and read
     again; a consume in between changes only the balance, which the burn accounts for."""
-    for _ in range(TORN_READ_ATTEMPTS):
+
+    def read() -> GroupState:
         found = list(AccountItem.batch_get([(user_id, group_sk(offer_group)), (user_id, book_sk(offer_group))],
                                            consistent_read=True))
         record = next((item for item in found if isinstance(item, BalanceRecord)), None)
         if record is None:
             return GroupState(user_id, offer_group, Book(offer_group))
-        book = next((item for item in found if isinstance(item, BookRecord)), None)
-        try:
-            return to_state(record, book)
-        except TornRead:
-            continue
-    raise ServiceBusy("the group kept changing while it was read, retry shortly")
+        return to_state(record, next((item for item in found if isinstance(item, BookRecord)), None))
+
+    return untorn(read, "the group")
 
 
 def due_shard(user_id: str, offer_group: str) -> str:

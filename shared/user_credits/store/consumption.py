@@ -220,9 +220,7 @@ class LotsDue(Exception):
     rewrite: the stored balance still counts it, so the caller must look at the group's lots."""
 
 
-def _refusal(
-    user_id: str, old: Mapping[str, Any] | None, now: datetime,
-) -> InsufficientCredits | CreditsExpired | LotsDue:
+def _refusal(old: Mapping[str, Any] | None, now: datetime) -> InsufficientCredits | CreditsExpired | LotsDue:
     """Why a condition failed, from the item as it was (ReturnValuesOnConditionCheckFailure=ALL_OLD)."""
     old = old or {}
     next_expiry = old.get("nextExp", {}).get("S")
@@ -276,7 +274,7 @@ def debit(user_id: str, offer_group: str, tokens: int, max_overdraft: int, now: 
         except ClientError as error:
             if _error_code(error) == "ConditionalCheckFailedException":
                 old: Any = error.response.get("Item")
-                raise _refusal(user_id, old, now) from error
+                raise _refusal(old, now) from error
             raise
         return response
 
@@ -358,7 +356,7 @@ def debit_once(
                 return False
             if balance_reason.get("Code") == "ConditionalCheckFailed":
                 # A refusal stores nothing: a retry after a top-up may succeed (see README).
-                raise _refusal(user_id, balance_reason.get("Item"), now) from error
+                raise _refusal(balance_reason.get("Item"), now) from error
             raise
         return True
 
