@@ -7,14 +7,18 @@ Every test uses fresh user and offer ids (uuid), so tests share tables without s
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
+import botocore.session
 import pytest
 from contract import check_answer
 from hypothesis import HealthCheck, settings
@@ -25,6 +29,7 @@ from user_credits.store.models import bind_tables
 from user_credits_dev import template as tpl
 from user_credits_dev.dynamodb_local import DynamoDBLocal, free_port
 from user_credits_dev.lambda_events import LambdaContext, http_api_event, scheduled_event
+from user_credits_dev.streams import StreamPump
 
 BASE_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -42,6 +47,12 @@ _QUIET = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=_QUIET)
 settings.register_profile("soak", max_examples=150, deadline=None, suppress_health_check=_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# pynamodb gives every thread (and every rebind of the tables) a botocore session of its own, and each
+# session parses botocore's JSON models again (~0.1 s of CPU): one shared loader parses them once.
+# Tests rebind and start thread pools far more often than a warm Lambda does.
+_shared_loader = functools.lru_cache(maxsize=None)(botocore.session.create_loader)
+botocore.session.create_loader = _shared_loader  # type: ignore[attr-defined]
 
 # No test may reach AWS by accident: anything not pointed at a local endpoint fails to resolve.
 os.environ.setdefault("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
@@ -90,9 +101,19 @@ def ddblocal_backend() -> Iterator[Backend]:
 
 
 @pytest.fixture(params=["moto", "ddblocal"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    result: Backend = request.getfixturevalue(f"{request.param}_backend")
-    return result
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The tables of template.yaml: shared by the session on DynamoDB Local; on moto, fresh per test,
+    because moto copies a whole table (its stream included) for every transaction, and a stream that
+    grows all session long would make each test slower than the last."""
+    shared: Backend = request.getfixturevalue(f"{request.param}_backend")
+    if request.param != "moto":
+        yield shared
+        return
+    client = shared.client()
+    tables = tpl.create_tables(client, f"m-{uuid.uuid4().hex[:8]}")
+    yield Backend("moto", shared.endpoint, tables)
+    for name in tables.values():
+        client.delete_table(TableName=name)
 
 
 @dataclass
@@ -111,20 +132,52 @@ class EventRecorder:
     """Stands in for the EventBridge client and keeps what would have been sent."""
 
     entries: list[dict[str, Any]] = field(default_factory=list)
-    fail: bool = False
+    # How many of the next PutEvents calls fail (EventBridge down for a while).
+    fail_next: int = 0
 
     def put_events(self, Entries: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.fail:
+        if self.fail_next > 0:
+            self.fail_next -= 1
             raise RuntimeError("EventBridge is down")
         self.entries.extend(Entries)
         return {"FailedEntryCount": 0, "Entries": [{"EventId": str(uuid.uuid4())} for _ in Entries]}
 
-    def of_type(self, detail_type: str) -> list[dict[str, Any]]:
+    def sent(self, detail_type: str) -> list[dict[str, Any]]:
+        """The details as sent, `eventId` included."""
         return [json.loads(e["Detail"]) for e in self.entries if e["DetailType"] == detail_type]
+
+    def of_type(self, detail_type: str) -> list[dict[str, Any]]:
+        """The details without their `eventId`, which every one must carry (SPEC 4)."""
+        details = self.sent(detail_type)
+        for detail in details:
+            assert re.fullmatch(r"[0-9a-f]{32}", str(detail.pop("eventId", ""))), detail
+        return details
+
+
+# Set while the stream function runs: fault plans aimed at a request leave its calls alone.
+IN_STREAM = threading.local()
+_pumps: dict[tuple[str, str], StreamPump] = {}
+_current: list[Service] = []
+
+
+def _pump(backend: Backend, spec: tpl.FunctionSpec) -> StreamPump:
+    """One pump per table, for the whole session: its shard positions outlive each test's Service."""
+    assert spec.stream is not None
+    key = (backend.endpoint, backend.tables[spec.stream])
+    if key not in _pumps:
+        _pumps[key] = StreamPump(backend.endpoint, key[1], batch_size=spec.batch_size)
+    return _pumps[key]
+
+
+def drain_stream() -> None:
+    """Deliver what the current test's service has left on the stream (for checks made without a call)."""
+    if _current:
+        _current[-1].drain()
 
 
 class Service:
-    """Calls the functions of template.yaml the way API Gateway and EventBridge would."""
+    """Calls the functions of template.yaml the way API Gateway, EventBridge and Lambda's event
+    source mapping would: after each call, the stream function gets what the call wrote."""
 
     def __init__(self, backend: Backend, monkeypatch: pytest.MonkeyPatch, events: EventRecorder) -> None:
         self.backend = backend
@@ -142,6 +195,39 @@ class Service:
         monkeypatch.setattr(publisher, "client_factory", lambda: events)
         publisher.reset_client()
         self.rebind()
+        stream_spec = tpl.stream_function(self.specs)
+        assert stream_spec is not None, "template.yaml has no function on a table's stream"
+        self.stream_spec = stream_spec
+        self.stream_paused = False
+        self.pump = _pump(backend, stream_spec)
+        # What earlier tests left (nothing, unless one failed midway) is theirs, not this test's.
+        self.pump.skip_to_now()
+        _current[:] = [self]
+
+    def deliver(self, event: dict[str, Any]) -> Any:
+        """One invocation of the stream function with a batch, as Lambda makes it."""
+        handler = tpl.load_handler(self.stream_spec)
+        IN_STREAM.active = True
+        try:
+            return handler(event, LambdaContext(function_name=self.stream_spec.logical_id))
+        finally:
+            IN_STREAM.active = False
+
+    def drain(self) -> int:
+        """Run the stream until nothing is left; how many records were delivered."""
+        if self.stream_paused:
+            return 0
+        return self.pump.drain(lambda event, _context: self.deliver(event))
+
+    @contextlib.contextmanager
+    def stream_late(self) -> Iterator[None]:
+        """The stream delivers nothing inside the block (as when Lambda lags behind), then catches up."""
+        self.stream_paused = True
+        try:
+            yield
+        finally:
+            self.stream_paused = False
+        self.drain()
 
     def rebind(self) -> None:
         import user_credits.store.models as models
@@ -176,7 +262,11 @@ class Service:
             method, path, route_path=route_path, body=payload, headers=headers, query=query, user=user, iam=iam
         )
         handler = tpl.load_handler(spec)
-        result = handler(event, LambdaContext(function_name=spec.logical_id))
+        try:
+            result = handler(event, LambdaContext(function_name=spec.logical_id))
+        finally:
+            # Whatever the call committed reaches the stream, even if the function then died.
+            self.drain()
         text = result.get("body") or ""
         try:
             parsed = json.loads(text) if text else None
@@ -189,7 +279,10 @@ class Service:
     def invoke_schedule(self, logical_id: str = "ExpirySweepFunction", budget_ms: int = 300_000) -> Any:
         spec = next(s for s in self.specs if s.logical_id == logical_id)
         handler = tpl.load_handler(spec)
-        return handler(scheduled_event(), LambdaContext(function_name=logical_id, budget_ms=budget_ms))
+        try:
+            return handler(scheduled_event(), LambdaContext(function_name=logical_id, budget_ms=budget_ms))
+        finally:
+            self.drain()
 
     def scan(self, logical_table: str) -> list[dict[str, Any]]:
         client = self.backend.client()
@@ -245,6 +338,7 @@ def balanced() -> Any:
     from user_credits.logic.invariants import check_user
 
     def check(*user_ids: str) -> None:
+        drain_stream()
         for user_id in user_ids:
             report = check_user(user_id)
             assert report.ok, report.mismatches
@@ -266,8 +360,13 @@ class CrashPlan:
     fired: bool = False
     error: type[Exception] = SimulatedCrash
 
+    # Whether the stream function's calls count too (by default only the request's do).
+    stream: bool = False
+
     def hook(self, event_name: str, **_: Any) -> None:
         if not event_name.startswith(f"{self.phase}-call."):
+            return
+        if getattr(IN_STREAM, "active", False) != self.stream:
             return
         self.calls += 1
         if self.calls == self.at_call:

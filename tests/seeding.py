@@ -23,5 +23,5 @@ def seed_lot(
                  expires_at, priority, order_id=order_id)
     book, movement = before.book.credit(new, reason)
     after: list[GroupState] = []
-    commit(lambda tx: after.append(stage_group_change(tx, before, [replace(movement, order_id=order_id)], book, at)[0]))
+    commit(lambda tx: after.append(stage_group_change(tx, before, [replace(movement, order_id=order_id)], book, at)))
     return after[0]

@@ -137,7 +137,34 @@ def test_without_java_the_dev_server_runs_on_moto(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_against_a_stack_the_cli_finds_the_tables_in_its_outputs(tmp_path: Path) -> None:
+def play_the_stream(monkeypatch: pytest.MonkeyPatch, endpoint: str, tables: dict[str, str], bus: str) -> None:
+    """What Lambda's event source mapping does in a deployed stack: the stream function, fed the stream."""
+    from user_credits.store.models import bind_tables
+    from user_credits_dev import template as tpl
+    from user_credits_dev.server import function_environment
+    from user_credits_dev.streams import StreamPump
+
+    spec = tpl.stream_function(tpl.functions(tables))
+    assert spec is not None and spec.stream is not None
+    for key, value in {**function_environment(tables, {"EVENT_BUS_NAME": bus}),
+                       "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    from conftest import EventRecorder
+
+    from user_credits.config import load_settings
+    from user_credits.events import publisher
+
+    bind_tables(load_settings())
+    # EventBridge is not what this test is about (and moto's bus from the stack refuses PutEvents).
+    monkeypatch.setattr(publisher, "client_factory", EventRecorder)
+    publisher.reset_client()
+    handler = tpl.load_handler(spec)
+    assert StreamPump(endpoint, tables[spec.stream]).drain(handler) >= 1
+
+
+def test_against_a_stack_the_cli_finds_the_tables_in_its_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """`--stack NAME`, with moto standing in for CloudFormation and DynamoDB (no network)."""
     import os
     import subprocess
@@ -178,6 +205,11 @@ def test_against_a_stack_the_cli_finds_the_tables_in_its_outputs(tmp_path: Path)
             )
 
         granted = cli("grant", "stack-user", "ai-tokens", "5", "--reason", "welcome")
+        # In the stack, Lambda runs the stream function on the grant's write: played here.
+        outputs = {o["OutputKey"]: o["OutputValue"]
+                   for o in cfn.describe_stacks(StackName="credits-test")["Stacks"][0]["Outputs"]}
+        play_the_stream(monkeypatch, endpoint, {name: outputs[f"{name}Name"] for name in tables},
+                        outputs["EventBusName"])
         shown = cli("credits", "stack-user")
         checked = cli("check")
 

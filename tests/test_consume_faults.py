@@ -1,9 +1,10 @@
 """SPEC 2.8 when the function dies: between any two DynamoDB calls of a consume, a retry with the same
-Idempotency-Key replays instead of debiting twice, and the ledger still matches the balance.
+Idempotency-Key replays instead of debiting twice, and the ledger still matches the balance, whether
+the stream has delivered the first attempt's write by the time of the retry or not.
 
 The crash (conftest `crash`) is raised from a botocore event hook on the clients pynamodb builds:
 `before-call` (the call never reached DynamoDB) or `after-call` (DynamoDB applied it, the function never
-saw the answer).
+saw the answer). The stream function's own calls are left alone here (see tests/test_stream.py).
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from typing import Any
 
 import pytest
 
-from user_credits.store import consumption as consumption_store
 from user_credits.store.balances import read_group
 from user_credits.store.models import LedgerRecord
 
-# Keyed consume: decision transaction, GetItem of the balance, flush transaction.
-KEYED_CALLS = 3
-# Unkeyed consume: conditional UpdateItem, flush transaction.
-UNKEYED_CALLS = 2
-# A retry that finds the record in_progress: failed decision, record read, outbox read, flush,
-# outbox read (now empty), record read (now completed).
-RECOVERY_CALLS = 6
+# Keyed consume: PutItem of the key's record, UpdateItem of the balance (with the key's marker).
+KEYED_CALLS = 2
+# Unkeyed consume: the conditional UpdateItem, nothing else.
+UNKEYED_CALLS = 1
+# A retry that finds the record in_progress before the stream completed it, when the first attempt
+# died before its debit: PutItem (refused: in_progress), the transaction that debits, GetItem of the
+# marker (the answer).
+RECOVERY_CALLS = 3
 
 
 def grant(service: Any, user: str, group: str, tokens: int) -> None:
@@ -41,7 +42,7 @@ def consume_entries(user: str) -> list[LedgerRecord]:
     return [r for r in LedgerRecord.query(user, consistent_read=True) if r.reason == "consume"]
 
 
-def test_a_keyed_consume_makes_the_calls_the_fault_tests_cover(local_service: Any, crash: Any, ids: Any) -> None:
+def test_a_consume_makes_the_calls_the_fault_tests_cover(local_service: Any, crash: Any, ids: Any) -> None:
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
     crash.count_calls()
@@ -52,28 +53,32 @@ def test_a_keyed_consume_makes_the_calls_the_fault_tests_cover(local_service: An
     assert crash.calls == UNKEYED_CALLS
     other = ids("g")
     grant(local_service, user, other, 10)
-    # Dies after its debit, before its flush: the record is left in_progress.
-    crash.arm("after", at_call=2)
-    crash.expect_crash(lambda: consume(local_service, user, other, "recover"))
-    crash.count_calls()
-    assert consume(local_service, user, other, "recover").status == 200
-    assert crash.calls == RECOVERY_CALLS
+    with local_service.stream_late():
+        # Dies after claiming its key, before its debit; the retry comes before the stream runs.
+        crash.arm("after", at_call=1)
+        crash.expect_crash(lambda: consume(local_service, user, other, "recover"))
+        crash.count_calls()
+        assert consume(local_service, user, other, "recover").status == 200
+        assert crash.calls == RECOVERY_CALLS
 
 
+@pytest.mark.parametrize("stream", ["delivered", "late"])
 @pytest.mark.parametrize("phase", ["before", "after"])
 @pytest.mark.parametrize("at_call", range(1, KEYED_CALLS + 1))
 def test_retry_after_a_crash_at_any_call_debits_exactly_once(
-    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int
+    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int, stream: str
 ) -> None:
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
-    crash.arm(phase, at_call)
-    crash.expect_crash(lambda: consume(local_service, user, group, "retry-me"))
-    crash.disarm()
-    reply = consume(local_service, user, group, "retry-me")
     expected = {"userId": user, "offerGroup": group, "consumed": 3, "balance": 7, "expiresAt": None}
-    assert reply.status == 200 and reply.body == expected
-    # And a third time, once everything is settled: still the same answer, still one debit.
+    late = local_service.stream_late() if stream == "late" else contextlib.nullcontext()
+    with late:
+        crash.arm(phase, at_call)
+        crash.expect_crash(lambda: consume(local_service, user, group, "retry-me"))
+        crash.disarm()
+        reply = consume(local_service, user, group, "retry-me")
+        assert reply.status == 200 and reply.body == expected
+    # And a third time, once the stream has completed the record: still the same answer, one debit.
     assert consume(local_service, user, group, "retry-me").body == expected
     assert read_group(user, group).balance == 7
     balanced(user)
@@ -81,42 +86,56 @@ def test_retry_after_a_crash_at_any_call_debits_exactly_once(
         (-3, 7, "retry-me")]
 
 
+@pytest.mark.parametrize("first_dies_after", [1, 2])
 @pytest.mark.parametrize("phase", ["before", "after"])
 @pytest.mark.parametrize("at_call", range(1, RECOVERY_CALLS + 1))
-def test_a_crash_while_replaying_is_survived_too(
-    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int
+def test_a_crash_while_recovering_is_survived_too(
+    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int, first_dies_after: int
 ) -> None:
-    """The first request dies after its debit; the first retry dies too, at every call; the next replays."""
+    """The first request dies after its claim (or its debit); the retry, before the stream has run, dies
+    too, at every call; the next retry answers with the one debit."""
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
-    crash.arm("after", 1)
-    crash.expect_crash(lambda: consume(local_service, user, group, "twice"))
-    crash.arm(phase, at_call)
-    # This retry may die (at the planned call) or, if it makes fewer calls, answer: both are fine.
-    with contextlib.suppress(crash.error):
-        consume(local_service, user, group, "twice")
-    crash.disarm()
-    reply = consume(local_service, user, group, "twice")
-    assert reply.status == 200 and reply.body["balance"] == 7
+    with local_service.stream_late():
+        crash.arm("after", first_dies_after)
+        crash.expect_crash(lambda: consume(local_service, user, group, "twice"))
+        crash.arm(phase, at_call)
+        # This retry may die (at the planned call) or, if it makes fewer calls, answer: both are fine.
+        with contextlib.suppress(crash.error):
+            consume(local_service, user, group, "twice")
+        crash.disarm()
+        reply = consume(local_service, user, group, "twice")
+        assert reply.status == 200 and reply.body["balance"] == 7
+    assert consume(local_service, user, group, "twice").body["balance"] == 7
     assert read_group(user, group).balance == 7
     balanced(user)
     assert len(consume_entries(user)) == 1
 
 
 @pytest.mark.parametrize("phase", ["before", "after"])
-@pytest.mark.parametrize("at_call", range(1, UNKEYED_CALLS + 1))
 def test_a_crash_without_a_key_never_loses_a_ledger_entry(
-    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int
+    local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str
 ) -> None:
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
-    crash.arm(phase, at_call)
+    crash.arm(phase, 1)
     crash.expect_crash(lambda: consume(local_service, user, group, None))
     crash.disarm()
-    debited = phase == "after" or at_call > 1
+    debited = phase == "after"
     assert read_group(user, group).balance == (7 if debited else 10)
-    # A debit whose flush never ran sits in the outbox until the next writer (or the checker) flushes it.
-    assert consume(local_service, user, group, None).status == 200
-    assert consumption_store.pending_entries(user, group) == []
-    assert len(consume_entries(user)) == (2 if debited else 1)
+    # The entry comes from the write itself (through the stream): the function's death cannot lose it.
+    assert len(consume_entries(user)) == (1 if debited else 0)
+    balanced(user)
+
+
+def test_a_keyed_refusal_is_decided_again_on_retry(local_service: Any, ids: Any, balanced: Any) -> None:
+    """A 402 is not stored under the key: after a top-up the same request succeeds, once."""
+    user, group = ids("u"), ids("g")
+    grant(local_service, user, group, 2)
+    assert consume(local_service, user, group, "later").error == "insufficient_credits"
+    grant(local_service, user, group, 5)
+    first = consume(local_service, user, group, "later")
+    assert first.status == 200 and first.body["balance"] == 4
+    assert consume(local_service, user, group, "later").body == first.body
+    assert read_group(user, group).balance == 4
     balanced(user)

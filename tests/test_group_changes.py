@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from conftest import drain_stream
 
 from user_credits.domain.lots import Movement, NewLot
 from user_credits.store.balances import read_group, stage_group_change
@@ -13,7 +14,7 @@ from user_credits.store.models import BalanceRecord, LedgerRecord, group_sk
 from user_credits.store.transactions import StaleRead, commit
 
 
-def test_change_writes_balance_book_and_exact_ledger_entries(service: Any, ids: Any) -> None:
+def test_change_writes_balance_book_and_the_stream_writes_exact_ledger_entries(service: Any, ids: Any) -> None:
     user, group = ids("u"), ids("g")
     now = datetime.now(UTC)
     before = read_group(user, group)
@@ -29,6 +30,9 @@ def test_change_writes_balance_book_and_exact_ledger_entries(service: Any, ids: 
     record = BalanceRecord.get(user, group_sk(group), consistent_read=True)
     assert record.nextExp == expiry and record.dueSort is not None
     assert record.dueSort.startswith(expiry.isoformat()[:19])
+    # The write carries its movements; the stream function makes the entries, with exact balanceAfter.
+    assert list(LedgerRecord.query(user, consistent_read=True)) == []
+    drain_stream()
     entries = sorted(LedgerRecord.query(user), key=lambda r: r.seq)
     assert [(int(e.delta), int(e.balanceAfter), e.reason, e.lotId) for e in entries] == [
         (100, 100, "purchase", "o1.0"), (-30, 70, "grant", None)]
@@ -59,6 +63,7 @@ def test_a_stale_snapshot_cannot_commit(service: Any, ids: Any) -> None:
     with pytest.raises(StaleRead):
         commit(plus(first, 7, "b"))
     fresh = read_group(user, group)
+    drain_stream()
     assert fresh.balance == 5 and len(list(LedgerRecord.query(user))) == 1
     with pytest.raises(StaleRead):
         commit(plus(first, 7, "b"))

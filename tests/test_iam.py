@@ -10,6 +10,7 @@ what was recorded: no call may be refused in AWS, and no grant may go unused.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,12 +64,32 @@ class CallRecorder:
             yield operation, params["TableName"], params.get("IndexName")
 
 
+class Killed(Exception):
+    """The function died right after a call DynamoDB applied."""
+
+
+@dataclass
+class Killer:
+    """Kills the function once, right after its next PutItem (a keyed consume's claim of its key)."""
+
+    armed: bool = False
+
+    def after_put(self, **_: Any) -> None:
+        if self.armed:
+            self.armed = False
+            raise Killed("after PutItem")
+
+
+KILLER = Killer()
+
+
 @pytest.fixture
 def recorder(local_shop: Shop, monkeypatch: pytest.MonkeyPatch) -> CallRecorder:
     service = local_shop.service
     meter = CallRecorder({name: logical for logical, name in service.backend.tables.items()})
-    hook_dynamodb_clients(monkeypatch, service, {"before-parameter-build.dynamodb": meter.before})
-    real_call, real_schedule = Service.call, Service.invoke_schedule
+    hook_dynamodb_clients(monkeypatch, service, {"before-parameter-build.dynamodb": meter.before,
+                                                 "after-call.dynamodb.PutItem": KILLER.after_put})
+    real_call, real_schedule, real_deliver = Service.call, Service.invoke_schedule, Service.deliver
 
     def call(self: Service, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
         meter.current = self.spec_for(method, path)[0].logical_id
@@ -84,8 +105,17 @@ def recorder(local_shop: Shop, monkeypatch: pytest.MonkeyPatch) -> CallRecorder:
         finally:
             meter.current = None
 
+    def deliver(self: Service, event: dict[str, Any]) -> Any:
+        # The stream function runs after the request, as its own function (as Lambda runs it).
+        caller, meter.current = meter.current, self.stream_spec.logical_id
+        try:
+            return real_deliver(self, event)
+        finally:
+            meter.current = caller
+
     monkeypatch.setattr(Service, "call", call)
     monkeypatch.setattr(Service, "invoke_schedule", invoke_schedule)
+    monkeypatch.setattr(Service, "deliver", deliver)
     return meter
 
 
@@ -173,6 +203,15 @@ def run_every_path(shop: Shop, ids: Any) -> None:
     assert _consume(shop, user, group, 3, key="consume-key").status == 200
     assert _consume(shop, user, group, 3, key="consume-key").status == 200
     assert _consume(shop, user, group, 10**9).status == 402
+    # Retries that find their key unfinished, before the stream completed it: one whose first attempt
+    # debited (the marker answers), one whose first attempt died after claiming its key.
+    with shop.service.stream_late():
+        assert _consume(shop, user, group, 3, key="late-key").status == 200
+        assert _consume(shop, user, group, 3, key="late-key").status == 200
+        KILLER.armed = True
+        with contextlib.suppress(Killed):
+            assert _consume(shop, user, group, 3, key="died-key").status == 500
+        assert _consume(shop, user, group, 3, key="died-key").status == 200
     # Grants: keyed and its replay, negative, and one that expires soon (for the sweep).
     assert _grant(shop, user, {"offerGroup": group, "tokens": 10}, key="grant-key").status == 201
     assert _grant(shop, user, {"offerGroup": group, "tokens": 10}, key="grant-key").status == 201
@@ -180,7 +219,7 @@ def run_every_path(shop: Shop, ids: Any) -> None:
     soon = ids("soon")
     dated = {"offerGroup": soon, "tokens": 7, "expiresAt": (now + timedelta(days=1)).isoformat()}
     assert _grant(shop, user, dated).status == 201
-    # Credits and the ledger: whole, per group (the byGroup index), and a second page.
+    # Credits and the ledger: whole, per group (a filtered Query), and a second page.
     for path in ("/credits", "/credits/ledger"):
         assert call("GET", path, user=user).status == 200
     assert call("GET", f"/users/{user}/credits", iam=True).status == 200

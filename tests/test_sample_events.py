@@ -25,10 +25,19 @@ def test_there_are_sample_events_for_every_route() -> None:
     assert routes - covered == set(), f"routes without a sample event in events/: {sorted(routes - covered)}"
 
 
+def test_there_are_sample_events_for_the_schedule_and_the_stream() -> None:
+    sources = {json.loads(file.read_text()).get("source") for file in EVENTS}
+    records = [r for file in EVENTS for r in json.loads(file.read_text()).get("Records", [])]
+    assert "aws.scheduler" in sources or "aws.events" in sources, sources
+    assert any(r.get("eventSource") == "aws:dynamodb" for r in records), "no DynamoDB stream sample event"
+
+
 @pytest.mark.parametrize("file", EVENTS, ids=lambda f: f.name)
 def test_sample_event_is_served_without_a_server_error(service: Any, file: Path) -> None:
     event = json.loads(file.read_text())
-    if "routeKey" not in event:
+    if "Records" in event:
+        spec = next(s for s in service.specs if s.stream)
+    elif "routeKey" not in event:
         spec = next(s for s in service.specs if s.schedule)
     else:
         method, route_path = event["routeKey"].split(" ", 1)
@@ -39,3 +48,6 @@ def test_sample_event_is_served_without_a_server_error(service: Any, file: Path)
     if "routeKey" in event:
         assert result["statusCode"] < 500, result
         assert json.loads(result["body"]) is not None
+    if "Records" in event:
+        # Every record processed: the entry written, the sample's events sent.
+        assert result == {"batchItemFailures": []}, result

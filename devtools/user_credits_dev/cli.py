@@ -101,7 +101,9 @@ def prepare(target: Target) -> server.FunctionHost:
     from user_credits.store.models import bind_tables
 
     bind_tables(load_settings())
-    return server.FunctionHost(target.tables)
+    # Against the dev server, this process delivers the stream records of its own writes at once (the
+    # server may deliver them again: same entries, the same eventIds). In AWS, Lambda does it.
+    return server.FunctionHost(target.tables, target.endpoint if target.local else None)
 
 
 def call_route(host: server.FunctionHost, method: str, path: str, body: Any = None,

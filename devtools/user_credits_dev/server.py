@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 from user_credits_dev import template as tpl
 from user_credits_dev.lambda_events import LambdaContext, http_api_event, scheduled_event
+from user_credits_dev.streams import StreamPump
 
 log = logging.getLogger("user_credits.dev")
 
@@ -166,11 +167,19 @@ class FunctionHost:
     invocations are serialized. The dev server is for trying the product, not for load tests.
     """
 
-    def __init__(self, tables: Mapping[str, str]) -> None:
+    def __init__(self, tables: Mapping[str, str], dynamodb_endpoint: str | None = None) -> None:
         self.specs = tpl.functions(tables)
         self._handlers: dict[str, Any] = {}
         self._routers: dict[str, list[Any]] = {}
         self._lock = threading.RLock()
+        # The stream function, run as Lambda's event source mapping would: after every invocation.
+        self.stream_spec = tpl.stream_function(self.specs)
+        self.pump: StreamPump | None = None
+        if self.stream_spec is not None and self.stream_spec.stream is not None and dynamodb_endpoint:
+            self.pump = StreamPump(dynamodb_endpoint, tables[self.stream_spec.stream],
+                                   batch_size=self.stream_spec.batch_size)
+            # What an earlier run left was delivered then (each request drains the stream).
+            self.pump.skip_to_now()
 
     def routes(self) -> list[tuple[str, str, str, tpl.FunctionSpec]]:
         """(method, path, authorizer, function); static paths before templated ones, as API Gateway does."""
@@ -204,7 +213,27 @@ class FunctionHost:
             app = getattr(handler, "app", None)
             for router in self._routers.get(spec.logical_id, []):
                 router.api_resolver = app
-            return handler(event, LambdaContext(function_name=spec.logical_id, budget_ms=budget_ms))
+            try:
+                return handler(event, LambdaContext(function_name=spec.logical_id, budget_ms=budget_ms))
+            finally:
+                if spec is not self.stream_spec:
+                    self.catch_up()
+
+    def catch_up(self) -> None:
+        """`drain`, logging instead of raising: as in Lambda, a failing stream leaves requests answered and
+        the ledger behind (the Scheduler tries again every second)."""
+        try:
+            self.drain()
+        except Exception:
+            log.exception("the stream function keeps failing: the ledger and events are behind")
+
+    def drain(self) -> int:
+        """Deliver what the stream holds to the stream function (its ledger entries and events)."""
+        if self.pump is None or self.stream_spec is None:
+            return 0
+        stream_spec = self.stream_spec
+        with self._lock:
+            return self.pump.drain(lambda event, _context: self.invoke(stream_spec, event, budget_ms=60_000))
 
     def scheduled(self) -> list[tpl.FunctionSpec]:
         names = schedule_expressions()
@@ -475,6 +504,7 @@ class Scheduler(threading.Thread):
     def run(self) -> None:
         due = {spec.logical_id: time.monotonic() + seconds for spec, seconds in self.jobs}
         while not self.stopped.wait(1.0):
+            self.host.catch_up()
             for spec, seconds in self.jobs:
                 if time.monotonic() < due[spec.logical_id]:
                     continue
@@ -621,7 +651,7 @@ def run_dev(
         if catalog is not None:
             _load_catalog_once(catalog)
 
-        host = FunctionHost(tables)
+        host = FunctionHost(tables, dynamo.endpoint)
         try:
             http = make_http_server(LocalApi(host, tpl.cors_rules(allowed_origins)), port)
         except OSError as exc:

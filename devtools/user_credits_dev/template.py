@@ -77,6 +77,8 @@ def create_table_requests(prefix: str) -> list[dict[str, Any]]:
         }
         if props.get("GlobalSecondaryIndexes"):
             request["GlobalSecondaryIndexes"] = props["GlobalSecondaryIndexes"]
+        if props.get("StreamSpecification"):
+            request["StreamSpecification"] = {"StreamEnabled": True, **props["StreamSpecification"]}
         requests.append(request)
     return requests
 
@@ -113,6 +115,9 @@ class FunctionSpec:
     environment: dict[str, str]
     routes: tuple[tuple[str, str, str], ...]  # (method, path, authorizer)
     schedule: str | None
+    # A DynamoDB stream event: the table (logical id) whose stream it reads, and its BatchSize.
+    stream: str | None = None
+    batch_size: int = 100
 
 
 def _resolve(value: Any, tables: Mapping[str, str]) -> str:
@@ -128,7 +133,8 @@ def functions(tables: Mapping[str, str]) -> list[FunctionSpec]:
         props = resource["Properties"]
         env = {k: _resolve(v, tables) for k, v in (props.get("Environment", {}).get("Variables") or {}).items()}
         routes = []
-        schedule = None
+        schedule = stream = None
+        batch_size = 100
         for event in (props.get("Events") or {}).values():
             if event["Type"] == "HttpApi":
                 p = event["Properties"]
@@ -136,6 +142,9 @@ def functions(tables: Mapping[str, str]) -> list[FunctionSpec]:
                 routes.append((p["Method"].upper(), p["Path"], auth))
             elif event["Type"] in ("Schedule", "ScheduleV2"):
                 schedule = str(event["Properties"].get("ScheduleExpression"))
+            elif event["Type"] == "DynamoDB":
+                stream = _stream_table(event["Properties"]["Stream"])
+                batch_size = int(event["Properties"].get("BatchSize", 100))
         specs.append(
             FunctionSpec(
                 logical_id=logical,
@@ -144,9 +153,25 @@ def functions(tables: Mapping[str, str]) -> list[FunctionSpec]:
                 environment=env,
                 routes=tuple(routes),
                 schedule=schedule,
+                stream=stream,
+                batch_size=batch_size,
             )
         )
     return specs
+
+
+def _stream_table(value: Any) -> str:
+    """The table of `!GetAtt T.StreamArn`."""
+    target = value.get("Fn::GetAtt") if isinstance(value, dict) else None
+    logical, attribute = target if isinstance(target, list) else str(target).split(".")
+    if attribute != "StreamArn":
+        raise ValueError(f"a stream given another way: {value!r}")
+    return str(logical)
+
+
+def stream_function(specs: list[FunctionSpec]) -> FunctionSpec | None:
+    """The function on a table's stream (this template has at most one)."""
+    return next((spec for spec in specs if spec.stream is not None), None)
 
 
 def match_route(specs: list[FunctionSpec], method: str, path: str) -> tuple[FunctionSpec, str, str] | None:

@@ -10,7 +10,7 @@ Choices (see README, "Expiry sweep"):
 - A group whose stored `nextExp` is stale (its soonest lot was spent by consumes, or has expired with
   nothing left) is rewritten with the right one, so consumes are not refused for a lot that is gone.
 - Warnings: one `CreditsExpiringSoon` per lot (`lotId`, `expiringTokens`), claimed in the lot's
-  stored `warned` flag by the same guarded rewrite, before the event is sent (so at most once).
+  stored `warned` flag by the same guarded rewrite that carries the event (so exactly one per lot).
 - One group that fails (throttling, a bug) is logged, counted (`SweepFailures`) and reported; the sweep
   goes on with the others. The stored position does not pass a failed entry, so it is retried on the
   next run (everything after it is re-read then, harmlessly).
@@ -32,9 +32,9 @@ from typing import Any
 
 from pynamodb.transactions import TransactWrite
 
+from user_credits.domain.changes import Event
 from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Lot, Movement
-from user_credits.events.publisher import publish
 from user_credits.observability import count, logger
 from user_credits.store.balances import GroupState, read_group, stage_group_change
 from user_credits.store.expiry import (
@@ -120,14 +120,22 @@ class Expiry:
     after: GroupState
     movements: tuple[Movement, ...]
 
-    def events(self, now: datetime) -> list[tuple[str, dict[str, Any]]]:
-        """One CreditsExpired per lot that lost tokens."""
-        lots = {lot.lot_id: lot for lot in self.before.book.lots}
-        return [("CreditsExpired", {
-            "userId": self.before.user_id, "offerGroup": self.before.offer_group,
-            "balance": self.after.book.spendable(now), "expiresAt": to_iso(lots[str(m.lot_id)].expires_at),
+
+
+def _expired_events(
+    before: GroupState, movements: list[Movement], now: datetime,
+) -> Callable[[GroupState], list[Event]]:
+    """One CreditsExpired per lot that lost tokens, sent by the stream function."""
+    lots = {lot.lot_id: lot for lot in before.book.lots}
+
+    def events(after: GroupState) -> list[Event]:
+        return [Event("CreditsExpired", {
+            "userId": before.user_id, "offerGroup": before.offer_group,
+            "balance": after.book.spendable(now), "expiresAt": to_iso(lots[str(m.lot_id)].expires_at),
             "lotId": m.lot_id, "expiredTokens": -m.delta,
-        }) for m in self.movements]
+        }) for m in movements if m.reason == "expire"]
+
+    return events
 
 
 def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None:
@@ -143,7 +151,8 @@ def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None
         after: list[GroupState] = []
 
         def build(tx: TransactWrite) -> None:
-            after.append(stage_group_change(tx, state, movements, book, now)[0])
+            after.append(stage_group_change(tx, state, movements, book, now,
+                                            events=_expired_events(state, movements, now)))
 
         commit(build)
         return Expiry(state, after[0], tuple(movements))
@@ -151,26 +160,24 @@ def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None
     return optimistic(attempt)
 
 
-def publish_expiry(expiry: Expiry | None, now: datetime) -> None:
-    if expiry is None:
-        return
-    for detail_type, detail in expiry.events(now):
-        publish(detail_type, detail)
-
-
-def warn_group(user_id: str, offer_group: str, now: datetime, window_end: datetime) -> tuple[GroupState, list[Lot]]:
+def warn_group(user_id: str, offer_group: str, now: datetime, window_end: datetime) -> list[Lot]:
     """Claim the warnings of the group's lots that expire within (now, window_end]; the lots claimed."""
 
-    def attempt() -> tuple[GroupState, list[Lot]]:
+    def attempt() -> list[Lot]:
         state = read_group(user_id, offer_group)
         book = state.book.claim_warnings(now, window_end)
         if not book.warnings:
-            return state, []
+            return []
+        warnings = [Event("CreditsExpiringSoon", {
+            "userId": state.user_id, "offerGroup": state.offer_group, "balance": state.book.spendable(now),
+            "expiresAt": to_iso(lot.expires_at), "lotId": lot.lot_id, "expiringTokens": lot.remaining,
+        }) for lot in book.warnings]
+
         def build(tx: TransactWrite) -> None:
-            stage_group_change(tx, state, [], book, now)
+            stage_group_change(tx, state, [], book, now, events=lambda _after: warnings)
 
         commit(build)
-        return state, list(book.warnings)
+        return list(book.warnings)
 
     return optimistic(attempt)
 
@@ -255,7 +262,6 @@ def expire_due_lots(now: datetime, deadline: Deadline) -> PassReport:
                     reached = entry.sort_key
                 if outcome is not None and outcome.movements:
                     report.changed += len(outcome.movements)
-                    publish_expiry(outcome, now)
             if since_save >= SAVE_EVERY:
                 saved, since_save = store(reached), 0
         else:
@@ -287,16 +293,11 @@ def warn_expiring_lots(now: datetime, window: timedelta, deadline: Deadline) -> 
         if not now < entry.due_at <= window_end:
             continue
         try:
-            state, lots = warn_group(entry.user_id, entry.offer_group, now, window_end)
+            lots = warn_group(entry.user_id, entry.offer_group, now, window_end)
         except Exception as error:
             report.failures.append(_failure(entry, "warn", error))
             continue
-        for lot in lots:
-            report.changed += 1
-            publish("CreditsExpiringSoon", {
-                "userId": state.user_id, "offerGroup": state.offer_group, "balance": state.book.spendable(now),
-                "expiresAt": to_iso(lot.expires_at), "lotId": lot.lot_id, "expiringTokens": lot.remaining,
-            })
+        report.changed += len(lots)
     return report
 
 

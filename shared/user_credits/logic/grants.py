@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from user_credits.domain.changes import Event
 from user_credits.domain.clock import to_iso, utc_now
 from user_credits.domain.lots import DEFAULT_PRIORITY, Book, Movement, NewLot
 from user_credits.errors import ValidationFailed
-from user_credits.events.publisher import publish
 from user_credits.logic.consumption import require_credits
 from user_credits.observability import count
 from user_credits.store.balances import GroupState, read_group, stage_group_change
@@ -91,10 +91,15 @@ def grant_credits(
         plan = plan_grant(before, tokens, expires_at, key, now, note, priority)
         body: dict[str, Any] = {}
 
-        def build(tx: Any) -> None:
-            after, _ = stage_group_change(tx, before, plan.movements, plan.book, now)
+        def answer(after: GroupState) -> list[Event]:
             body.update({"userId": user_id, "offerGroup": offer_group, "balance": after.book.spendable(now),
                          "expiresAt": to_iso(after.expires_at), "lotId": plan.lot_id})
+            if tokens <= 0:
+                return []
+            return [Event("CreditsGranted", {**body, "tokens": tokens, "reason": "grant", "note": note})]
+
+        def build(tx: Any) -> None:
+            stage_group_change(tx, before, plan.movements, plan.book, now, events=answer)
             if record_key is not None:
                 stage_record(tx, record_key, body_hash, 201, dict(body), now)
 
@@ -104,6 +109,4 @@ def grant_credits(
     result = optimistic(attempt)
     if result.fresh:
         count("Grants")
-    if result.fresh and tokens > 0:
-        publish("CreditsGranted", {**result.body, "tokens": tokens, "reason": "grant", "note": note})
     return result

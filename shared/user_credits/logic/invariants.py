@@ -4,9 +4,10 @@ group's book is sound (no lot below 0 or above what it was granted; a debt only 
 The balance compared is the stored one: a lot that has expired but that the sweep has not reached yet
 still counts there, and in the ledger, until its `expire` entry is written.
 
-Consumes write their ledger entries through the balance item's outbox, so each group's outbox is
-flushed before it is compared. Meant for quiet moments (tests, an operator's `user-credits check`):
-a write that lands between the balance read and the ledger read shows up as a transient mismatch.
+The ledger follows the balance through the table's stream (SPEC 2.8), so this is meant for quiet
+moments, once the stream has drained (tests, an operator's `user-credits check`): an entry still on its
+way, or a write between the balance read and the ledger read, shows up as a transient mismatch. It
+also checks that each group's entries have `seq` 1, 2, ... up to the balance item's `seq`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from user_credits.store.balances import read_group
-from user_credits.store.consumption import flush_outbox
-from user_credits.store.ledger import ledger_sums
+from user_credits.store.ledger import group_entries
 from user_credits.store.models import GROUP_PREFIX, AccountItem, BalanceRecord, LedgerRecord
 
 
@@ -25,6 +25,8 @@ class Mismatch:
     offer_group: str
     balance: int
     ledger_sum: int
+    # Where the entries' seq is not 1..n with n the balance item's seq: what they are instead.
+    seq_problem: str | None = None
 
 
 @dataclass
@@ -63,19 +65,31 @@ def book_problems(user_id: str, offer_group: str) -> list[str]:
 
 
 def check_user(user_id: str) -> InvariantReport:
-    for record in _records(user_id):
-        flush_outbox(user_id, record.offerGroup)
     records = _records(user_id)
-    balances = {r.offerGroup: int(r.balance) for r in records}
-    sums = ledger_sums(user_id)
-    report = InvariantReport(users=1, groups=len(set(balances) | set(sums)))
+    balances = {r.offerGroup: (int(r.balance), int(r.seq)) for r in records}
+    ledgers = group_entries(user_id)
+    report = InvariantReport(users=1, groups=len(set(balances) | set(ledgers)))
     for record in records:
         report.unsound_books.extend(book_problems(user_id, record.offerGroup))
-    for group in sorted(set(balances) | set(sums)):
-        balance, total = balances.get(group, 0), sums.get(group, 0)
-        if balance != total:
-            report.mismatches.append(Mismatch(user_id, group, balance, total))
+    for group in sorted(set(balances) | set(ledgers)):
+        (balance, seq), entries = balances.get(group, (0, 0)), ledgers.get(group, [])
+        total = sum(entry.delta for entry in entries)
+        seqs = [entry.seq for entry in entries]
+        seq_problem = None if seqs == list(range(1, seq + 1)) else f"seq {_runs(seqs)}, balance item at {seq}"
+        if balance != total or seq_problem is not None:
+            report.mismatches.append(Mismatch(user_id, group, balance, total, seq_problem))
     return report
+
+
+def _runs(seqs: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3,5' (short enough for a report)."""
+    runs: list[str] = []
+    for value in seqs:
+        if runs and value == int(runs[-1].split("-")[-1]) + 1:
+            runs[-1] = f"{runs[-1].split('-')[0]}-{value}"
+        else:
+            runs.append(str(value))
+    return ",".join(runs) or "none"
 
 
 def all_user_ids() -> list[str]:

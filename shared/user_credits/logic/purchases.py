@@ -1,17 +1,18 @@
 """Purchases (SPEC 2.3, 2.4): creating orders, and applying Stripe's word about their payment, once.
 
-Every effect of a payment event (the order's new status, each group's balance and expiry, the ledger
-entries, the record of the Stripe event) is one DynamoDB transaction, conditioned on the order's status
-and on each group's sequence number as they were read. A duplicate or concurrent delivery either
-loses that race and re-reads, or reads after the winner committed; either way it finds the order no
-longer waiting for that event and does nothing. Events go to EventBridge only after the commit.
+Every effect of a payment event (the order's new status, each group's balance and lots, the record of
+the Stripe event) is one DynamoDB transaction, conditioned on the order's status and on each group's
+sequence number as they were read. A duplicate or concurrent delivery either loses that race and
+re-reads, or reads after the winner committed; either way it finds the order no longer waiting for
+that event and does nothing. The ledger entries and the events travel with the write, as its
+`change`, and come out of the table's stream (`logic.stream`).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -20,6 +21,7 @@ from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
 from user_credits.config import load_settings
+from user_credits.domain.changes import Event
 from user_credits.domain.clock import to_iso, utc_now
 from user_credits.domain.crediting import (
     CreditTerms,
@@ -44,7 +46,6 @@ from user_credits.errors import (
     QuantityLimitExceeded,
     ServiceBusy,
 )
-from user_credits.events.publisher import publish
 from user_credits.observability import count, logger
 from user_credits.payments import gateway, secrets
 from user_credits.payments.webhooks import StripeEvent, verify_event
@@ -174,30 +175,27 @@ def _create_free_order(
 ) -> tuple[int, dict[str, Any]]:
     """An order of amount 0 is stored paid and credited in the same transaction as the webhook would."""
 
-    def attempt() -> tuple[int, dict[str, Any], list[CreditResult]]:
+    def attempt() -> tuple[int, dict[str, Any]]:
         if record_key is not None and body_hash is not None:
             stored = idempotency.lookup(record_key, body_hash)
             if stored is not None:
-                return stored.status_code, stored.body, []
+                return stored.status_code, stored.body
         now = utc_now()
         plan = plan_credit(order.user_id, order.order_id, lines, now)
         paid = plan.paid_order(order)
         response = {"order": paid.to_json()}
         record = order_store.new_order_record(paid, credits=plan.credits_json(), offer_snapshot=snapshot)
-        results: list[CreditResult] = []
 
         def build(tx: TransactWrite) -> None:
             order_store.stage_new_order(tx, record)
-            results.extend(plan.stage(tx, order.order_id, now))
+            plan.stage(tx, order.user_id, order.order_id, now)
             if record_key is not None and body_hash is not None:
                 idempotency.stage_record(tx, record_key, body_hash, 201, response, now)
 
         commit(build)
-        return 201, response, results
+        return 201, response
 
-    status, response, results = optimistic(attempt)
-    _publish_all(_granted_events(order.user_id, order.order_id, results))
-    return status, response
+    return optimistic(attempt)
 
 
 def get_order(user_id: str, order_id: str) -> Order:
@@ -209,15 +207,6 @@ def get_order(user_id: str, order_id: str) -> Order:
 
 
 # ---------------------------------------------------------------- crediting (shared by webhook and free orders)
-
-
-@dataclass(frozen=True)
-class CreditResult:
-    offer_group: str
-    tokens: int
-    balance: int
-    expires_at: datetime | None
-    lot_ids: tuple[str, ...] = ()
 
 
 def _from_order(changes: Sequence[Movement], order_id: str) -> list[Movement]:
@@ -245,20 +234,18 @@ class CreditPlan:
         return {credit.offer_group: credit.book for _, credit in self.groups}
 
     def stage(
-        self, tx: TransactWrite, order_id: str, now: datetime, refund: RefundPlan | None = None,
-    ) -> list[CreditResult]:
-        """Stage each group's credit; `refund` (one that came before the payment) adds its changes."""
-        results = []
+        self, tx: TransactWrite, user_id: str, order_id: str, now: datetime, refund: RefundPlan | None = None,
+    ) -> None:
+        """Stage each group's credit, with its CreditsGranted; `refund` (one that came before the
+        payment) adds its changes."""
         for state, credit in self.groups:
             changes, book = list(credit.changes), credit.book
             revocation = None if refund is None else refund.revocations.get(credit.offer_group)
             if revocation is not None:
                 changes.extend(revocation.changes)
                 book = revocation.book
-            after, _ = stage_group_change(tx, state, _from_order(changes, order_id), book, now)
-            results.append(CreditResult(credit.offer_group, credit.tokens, after.book.spendable(now),
-                                        after.expires_at, credit.lot_ids))
-        return results
+            stage_group_change(tx, state, _from_order(changes, order_id), book, now,
+                               events=_granted(user_id, order_id, credit, now))
 
 
 def plan_credit(user_id: str, order_id: str, lines: Sequence[CreditTerms], now: datetime) -> CreditPlan:
@@ -270,29 +257,28 @@ def plan_credit(user_id: str, order_id: str, lines: Sequence[CreditTerms], now: 
     return CreditPlan(tuple(groups))
 
 
-def _granted_events(user_id: str, order_id: str, results: Sequence[CreditResult]) -> list[tuple[str, dict[str, Any]]]:
-    """One CreditsGranted per credited group, to be sent after the commit."""
-    return [("CreditsGranted", {
-        "userId": user_id, "offerGroup": r.offer_group, "balance": r.balance,
-        "expiresAt": to_iso(r.expires_at), "orderId": order_id, "tokens": r.tokens, "lotIds": list(r.lot_ids),
-    }) for r in results]
+def _granted(user_id: str, order_id: str, credit: GroupCredit, now: datetime) -> Callable[[GroupState], list[Event]]:
+    """One CreditsGranted per credited group, sent by the stream function once the write is in."""
 
+    def events(after: GroupState) -> list[Event]:
+        return [Event("CreditsGranted", {
+            "userId": user_id, "offerGroup": credit.offer_group, "balance": after.book.spendable(now),
+            "expiresAt": to_iso(after.expires_at), "orderId": order_id, "tokens": credit.tokens,
+            "lotIds": list(credit.lot_ids),
+        })]
 
-def _publish_all(events: Sequence[tuple[str, dict[str, Any]]]) -> None:
-    for detail_type, detail in events:
-        publish(detail_type, detail)
+    return events
 
 
 # ---------------------------------------------------------------- the Stripe webhook
 
 
-@dataclass
+@dataclass(frozen=True)
 class WebhookOutcome:
-    """What one delivery did; `after_commit` holds the events to send once the transaction is in."""
+    """What one delivery did (its events travel with its write, see `domain.changes`)."""
 
     action: str
     order_id: str | None = None
-    after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def receive_stripe_webhook(payload: str, signature: str | None) -> WebhookOutcome:
@@ -306,7 +292,6 @@ def receive_stripe_webhook(payload: str, signature: str | None) -> WebhookOutcom
         raise
     handler = _HANDLERS.get(event.type)
     outcome = WebhookOutcome("ignored") if handler is None else handler(event)
-    _publish_all(outcome.after_commit)
     count(f"StripeEvent_{outcome.action}")
     logger.info("stripe event", extra={"type": event.type, "event_id": event.event_id, "action": outcome.action,
                                       "order_id": outcome.order_id})
@@ -391,15 +376,14 @@ def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
         else:
             action = refund.status
             order_actions = [*refund.order_actions(0), OrderRecord.pendingRefund.remove(), *period]
-        results: list[CreditResult] = []
 
         def build(tx: TransactWrite) -> None:
             order_store.stage_order_update(tx, record, order_actions)
-            results.extend(plan.stage(tx, order_id, now, refund))
+            plan.stage(tx, user_id, order_id, now, refund)
             _stage_event_record(tx, event, order_id, "paid", now)
 
         commit(build)
-        return WebhookOutcome(action, order_id, _granted_events(user_id, order_id, results))
+        return WebhookOutcome(action, order_id)
 
     return _apply_to_order(event, "id", _PAYABLE, pay)
 
@@ -457,22 +441,22 @@ def _set_or_remove(attribute: UTCDateTimeAttribute, value: datetime | None) -> A
 
 def _mark_inconsistent(record: OrderRecord, event: StripeEvent, problem: str, now: datetime) -> WebhookOutcome:
     group = read_group(record.userId, record.offerGroup)
-
-    def build(tx: TransactWrite) -> None:
-        order_store.stage_order_update(tx, record, [OrderRecord.status.set("inconsistent")])
-        _stage_event_record(tx, event, record.orderId, "inconsistent", now)
-
-    commit(build)
-    logger.error("inconsistent payment", extra={"order_id": record.orderId, "problem": problem})
-    outcome = WebhookOutcome("inconsistent", record.orderId)
-    outcome.after_commit = [("PaymentInconsistent", {
+    inconsistent = Event("PaymentInconsistent", {
         "userId": record.userId, "offerGroup": record.offerGroup, "balance": group.book.spendable(now),
         "expiresAt": to_iso(group.expires_at), "orderId": record.orderId, "problem": problem,
         "expected": {"amount": int(record.amount), "currency": record.currency},
         "received": {"amount": event.integer("amount_received"), "currency": event.text("currency"),
                      "paymentIntentId": event.text("id")},
-    })]
-    return outcome
+    })
+
+    def build(tx: TransactWrite) -> None:
+        order_store.stage_order_update(tx, record, [OrderRecord.status.set("inconsistent")], now,
+                                       events=[inconsistent])
+        _stage_event_record(tx, event, record.orderId, "inconsistent", now)
+
+    commit(build)
+    logger.error("inconsistent payment", extra={"order_id": record.orderId, "problem": problem})
+    return WebhookOutcome("inconsistent", record.orderId)
 
 
 def _status_change(new_status: str, allowed_from: tuple[str, ...]) -> Callable[[StripeEvent], WebhookOutcome]:

@@ -3,14 +3,16 @@ path changes them.
 
 `read_group` reads both items (one consistent BatchGetItem, checked for a torn pair), with the book
 brought up to date (the consumes since the last rewrite burned in spending order, see `domain.lots`).
-`stage_group_change` adds to a transaction the balance update (conditioned on the `seq` that was read),
-the new book, and one ledger item per movement with exact `balanceAfter` values. If anything changed the
-group in between, the whole transaction fails and the caller re-reads (see `transactions.optimistic`).
+`stage_group_change` adds to a transaction the balance update (conditioned on the `seq` that was read,
+carrying the write's `change`) and the new book. If anything changed the group in between, the whole
+transaction fails and the caller re-reads (see `transactions.optimistic`). The ledger follows from the
+table's stream (`logic.stream`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -20,12 +22,11 @@ from pynamodb.expressions.operand import Path
 from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
+from user_credits.domain.changes import Change, Event
 from user_credits.domain.clock import to_iso
-from user_credits.domain.ledger import LedgerEntry
 from user_credits.domain.lots import Book, Movement, current_book
 from user_credits.errors import ServiceBusy
-from user_credits.store.ledger import ledger_record
-from user_credits.store.models import AccountItem, BalanceRecord, BookRecord, LedgerRecord, book_sk, group_sk
+from user_credits.store.models import AccountItem, BalanceRecord, BookRecord, book_sk, group_sk
 
 T = TypeVar("T")
 
@@ -136,29 +137,22 @@ def stage_group_change(
     movements: Sequence[Movement],
     book: Book,
     at: datetime,
-) -> tuple[GroupState, list[LedgerEntry]]:
-    """Add the balance write, the book and the ledger items to `tx`; returns the state after and the entries.
+    events: Callable[[GroupState], Sequence[Event]] | None = None,
+) -> GroupState:
+    """Add the balance write and the book to `tx`; returns the state after.
 
-    `book` is `before.book` with the movements applied; the two must agree, or this is a bug.
+    `book` is `before.book` with the movements applied; the two must agree, or this is a bug. The
+    movements and `events(after)` travel on the balance item as its `change`, from which the stream
+    function writes the ledger entries and sends the events (see `domain.changes`).
     """
-    balance, seq = before.balance, before.seq
-    entries: list[LedgerEntry] = []
-    for movement in movements:
-        balance += movement.delta
-        seq += 1
-        entries.append(
-            LedgerEntry(
-                user_id=before.user_id, offer_group=before.offer_group, delta=movement.delta, balance_after=balance,
-                reason=movement.reason, at=at, seq=seq, order_id=movement.order_id,
-                idempotency_key=movement.idempotency_key, shortfall=movement.shortfall, note=movement.note,
-                lot_id=movement.lot_id,
-            )
-        )
+    balance = before.balance + sum(movement.delta for movement in movements)
+    seq = before.seq + len(movements)
     if book.total != balance:
         raise AssertionError(f"book total {book.total} != balance {balance} for {before.offer_group!r}")
     version = before.book_version + 1
     after = replace(before, balance=balance, seq=seq, exists=True, book=book, stored_next_expiry=book.next_expiry,
                     book_version=version)
+    change = Change(uuid.uuid4().hex, at, tuple(movements), tuple(events(after) if events else ()))
     key = BalanceRecord(before.user_id, group_sk(before.offer_group))
     expires_at = book.expires_at
     actions: list[Action] = [
@@ -169,6 +163,7 @@ def stage_group_change(
         BalanceRecord.seq.set(seq),
         BalanceRecord.updatedAt.set(at),
         BalanceRecord.bookVer.set(version),
+        BalanceRecord.change.set(change.to_json()),
         BalanceRecord.expiresAt.set(expires_at) if expires_at is not None else BalanceRecord.expiresAt.remove(),
         *due_index_actions(before.user_id, before.offer_group, book.next_expiry),
     ]
@@ -178,6 +173,4 @@ def stage_group_change(
     # No condition of its own: the balance's guard covers both items of the group.
     tx.save(BookRecord(before.user_id, book_sk(before.offer_group), offerGroup=before.offer_group,
                        book=book.to_record(), ver=version))
-    for entry in entries:
-        tx.save(ledger_record(entry), condition=LedgerRecord.entryKey.does_not_exist())
-    return after, entries
+    return after

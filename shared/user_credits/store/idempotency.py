@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pynamodb.exceptions import UpdateError
 from pynamodb.transactions import TransactWrite
 
 from user_credits.errors import IdempotencyKeyReused
@@ -71,3 +72,20 @@ def stage_record(
         ),
         condition=IdempotencyRecord.key.does_not_exist(),
     )
+
+
+def complete(record_key: str, body_hash: str, status_code: int, response: Any) -> bool:
+    """Mark a record `completed` with its answer (the stream function, for keyed consumes). Only the
+    record of that request: a record that expired and was claimed again by another body is left
+    alone. False when there was no such record."""
+    try:
+        IdempotencyRecord(record_key).update(
+            actions=[IdempotencyRecord.status.set("completed"), IdempotencyRecord.statusCode.set(status_code),
+                     IdempotencyRecord.response.set(response)],
+            condition=IdempotencyRecord.requestHash == body_hash,
+        )
+    except UpdateError as error:
+        if error.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True

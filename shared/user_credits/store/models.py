@@ -21,7 +21,7 @@ from pynamodb.attributes import (
     UTCDateTimeAttribute,
 )
 from pynamodb.connection import Connection
-from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
+from pynamodb.indexes import GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.models import Model
 
 from user_credits.config import Settings
@@ -93,6 +93,8 @@ class BalanceRecord(AccountItem, discriminator="balance"):
     dueShard = UnicodeAttribute(null=True)
     dueSort = UnicodeAttribute(null=True)
     updatedAt = UTCDateTimeAttribute(null=True)
+    # What the last write did (`domain.changes.Change` as JSON): the stream function's input.
+    change = UnicodeAttribute(null=True)
 
     byDue = DueIndex()
 
@@ -132,6 +134,8 @@ class OrderRecord(AccountItem, discriminator="order"):
     pendingRefund = NumberAttribute(null=True)
     # The offer as it was when ordered, so that a catalog change cannot alter what was bought.
     offerSnapshot = JSONAttribute(null=True)
+    # The last write's events with no balance change (PaymentInconsistent), for the stream function.
+    change = UnicodeAttribute(null=True)
 
     byPaymentIntent = PaymentIntentIndex()
 
@@ -144,24 +148,18 @@ class SweepProgressRecord(AccountItem, discriminator="sweep"):
     updatedAt = UTCDateTimeAttribute(null=True)
 
 
-class GroupIndex(GlobalSecondaryIndex["LedgerRecord"]):
-    class Meta:
-        index_name = "byGroup"
-        projection = AllProjection()
-
-    userGroup = UnicodeAttribute(hash_key=True)
-    entryKey = UnicodeAttribute(range_key=True)
-
-
 class LedgerRecord(Model):
-    """One balance change. `entryKey` sorts by time (newest last), so reads go backwards."""
+    """One balance change. `entryKey` sorts by time (newest last), so reads go backwards.
+
+    No index: an index would double the write units of every entry, and entries are written once per
+    consume. A read of one group filters the user's partition (see `store.ledger.read_page`).
+    """
 
     class Meta:
         table_name = "unbound-ledger"
 
     userId = UnicodeAttribute(hash_key=True)
     entryKey = UnicodeAttribute(range_key=True)
-    userGroup = UnicodeAttribute()
     offerGroup = UnicodeAttribute()
     delta = NumberAttribute()
     balanceAfter = NumberAttribute()
@@ -176,8 +174,6 @@ class LedgerRecord(Model):
     note = UnicodeAttribute(null=True)
     # The lot the change concerns, where it concerns one.
     lotId = UnicodeAttribute(null=True)
-
-    byGroup = GroupIndex()
 
 
 class IdempotencyRecord(Model):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
+from user_credits.domain.changes import Change, Event
+from user_credits.domain.clock import utc_now
 from user_credits.domain.orders import Order
 from user_credits.store.models import ORDER_PREFIX, OrderRecord, order_sk
 
@@ -76,8 +81,12 @@ def stage_new_order(tx: TransactWrite, record: OrderRecord) -> None:
     tx.save(record, condition=OrderRecord.sk.does_not_exist())
 
 
-def stage_order_update(tx: TransactWrite, record: OrderRecord, actions: list[Action]) -> None:
-    """Update the order only if its status and refunded amount are still what we read.
+def stage_order_update(
+    tx: TransactWrite, record: OrderRecord, actions: list[Action], at: datetime | None = None,
+    events: Sequence[Event] = (),
+) -> None:
+    """Update the order only if its status and refunded amount are still what we read; `events` (that
+    change no balance) travel on the order as its `change`, for the stream function to send.
 
     This is the exactly-once guard of the webhook: a duplicate or concurrent delivery read the same
     status, so only one of them can commit; the others re-read and find nothing left to do.
@@ -88,4 +97,7 @@ def stage_order_update(tx: TransactWrite, record: OrderRecord, actions: list[Act
         condition = condition & OrderRecord.pendingRefund.does_not_exist()
     else:
         condition = condition & (OrderRecord.pendingRefund == int(record.pendingRefund))
+    if events:
+        change = Change(uuid.uuid4().hex, at or utc_now(), events=tuple(events))
+        actions = [*actions, OrderRecord.change.set(change.to_json())]
     tx.update(record, actions=actions, condition=condition)
