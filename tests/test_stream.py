@@ -13,13 +13,15 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import time_machine
 from conftest import IN_STREAM, Service, dynamodb_hooks
 
 from user_credits.domain.changes import Change, GroupWrite, event_id
+from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Movement
 from user_credits.store.balances import read_group
 from user_credits.store.consumption import MARKER_BALANCE, MARKER_EXPIRY
@@ -204,3 +206,28 @@ def test_a_write_whose_movements_do_not_explain_it_is_refused_by_the_stream() ->
     with pytest.raises(ValueError, match="movements give"):
         bad.entries()
     assert event_id("c1", 0, "CreditsLow") == event_id("c1", 0, "CreditsLow") != event_id("c1", 1, "CreditsLow")
+
+
+@pytest.mark.parametrize("phase", ["before", "after"])
+def test_a_change_of_many_entries_killed_at_its_batch_write_is_delivered_again_whole(
+    local_service: Service, crash: Any, ids: Any, events: Any, balanced: Any, phase: str,
+) -> None:
+    """Two lots expiring in one rewrite are two movements: one BatchWriteItem of both entries."""
+    user, group = ids("u"), ids("g")
+    now = datetime.now(UTC)
+    for tokens, minutes in ((4, 10), (6, 20)):
+        body = {"offerGroup": group, "tokens": tokens, "expiresAt": to_iso(now + timedelta(minutes=minutes))}
+        assert local_service.call("POST", f"/admin/users/{user}/grants", body, iam=True).status == 201
+    crash.stream = True
+    crash.arm(phase, 1)
+    with time_machine.travel(now + timedelta(hours=1), tick=True):
+        # A consume (with an overdraft allowed) finds both lots due: they expire first, in one rewrite.
+        reply = local_service.call("POST", f"/users/{user}/consume",
+                                   {"offerGroup": group, "tokens": 1, "maxOverdraft": 5}, iam=True)
+        assert reply.status == 200 and reply.body["balance"] == -1
+    assert crash.fired
+    crash.disarm()
+    expired = sorted((delta, after) for _, _, delta, after, reason in ledger(user) if reason == "expire")
+    assert expired in ([(-6, 0), (-4, 6)], [(-6, 4), (-4, 0)])
+    assert len({e["eventId"] for e in events.sent("CreditsExpired")}) == 2
+    balanced(user)

@@ -28,35 +28,28 @@ retry after a top-up decides afresh (through the transaction above) instead of r
 from __future__ import annotations
 
 import hashlib
-import random
-import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from botocore.exceptions import ClientError
 
 from user_credits.domain.changes import Change, KeyedRequest
 from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Movement
-from user_credits.errors import CreditsExpired, IdempotencyKeyReused, InsufficientCredits, ServiceBusy
-from user_credits.observability import count
+from user_credits.errors import CreditsExpired, IdempotencyKeyReused, InsufficientCredits
 from user_credits.store.idempotency import TTL_SECONDS, StoredResponse
 from user_credits.store.models import BalanceRecord, IdempotencyRecord, group_sk
-
-T = TypeVar("T")
+from user_credits.store.transactions import StaleRead, optimistic
 
 CONSUME_ROUTE: Final = "consume"
 MARKER_BALANCE, MARKER_EXPIRY = "ikb_", "ike_"
 
-# Only errors that guarantee nothing was applied: a 500 after an unkeyed debit may have debited.
-_RETRYABLE_CODES: Final = {
-    "TransactionConflictException", "TransactionInProgressException", "ThrottlingException",
-    "ProvisionedThroughputExceededException", "RequestLimitExceeded",
-}
-_RETRYABLE_REASONS: Final = {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"}
+# A plain write to an item while a transaction that includes it is in flight fails with these on AWS
+# (nothing was applied): a lost race, retried by the one loop (`transactions.optimistic`).
+_CONFLICTS: Final = {"TransactionConflictException", "TransactionInProgressException"}
 
 
 @dataclass(frozen=True)
@@ -121,26 +114,11 @@ def _reasons(error: ClientError) -> list[dict[str, Any]]:
     return [dict(reason) for reason in reasons]
 
 
-def _retryable(error: ClientError) -> bool:
-    if _error_code(error) in _RETRYABLE_CODES:
+def _conflict(error: ClientError) -> bool:
+    if _error_code(error) in _CONFLICTS:
         return True
     codes = {r.get("Code") for r in _reasons(error)}
-    return bool(codes & _RETRYABLE_REASONS) and "ConditionalCheckFailed" not in codes
-
-
-def _with_backoff(call: Callable[[], T], *, attempts: int = 10, base_delay: float = 0.004) -> T:
-    """Retry conflicts and throttling with full-jitter exponential backoff, then give up with 503."""
-    for number in range(attempts):
-        try:
-            return call()
-        except ClientError as error:
-            if not _retryable(error):
-                raise
-            count("ConsumeRetries")
-            if number == attempts - 1:
-                break
-            time.sleep(random.uniform(0, min(0.25, base_delay * (2**number))))
-    raise ServiceBusy("too much contention on this balance, retry shortly")
+    return "TransactionConflict" in codes and "ConditionalCheckFailed" not in codes
 
 
 def marker_names(record_key: str) -> tuple[str, str]:
@@ -230,6 +208,8 @@ def debit(
                 if keyed is not None and (replay := _replayed(user_id, offer_group, tokens, keyed, old)):
                     raise _Replay(replay) from error
                 raise _refusal(old, now) from error
+            if _conflict(error):
+                raise StaleRead(_error_code(error)) from error
             raise
         return dict(response["Attributes"])
 
@@ -246,6 +226,8 @@ def debit(
                 check, {"Update": {**request, "ReturnValuesOnConditionCheckFailure": "ALL_OLD"}}])
         except ClientError as error:
             reasons = _reasons(error)
+            if _conflict(error):
+                raise StaleRead(_error_code(error)) from error
             if _error_code(error) != "TransactionCanceledException" or len(reasons) != 2:
                 raise
             if reasons[0].get("Code") == "ConditionalCheckFailed":
@@ -263,7 +245,8 @@ def debit(
         return {"balance": item[balance_marker], "expiresAt": item.get(expiry_marker, {"NULL": True})}
 
     try:
-        item = _with_backoff(decide_unfinished if unfinished else decide)
+        item = optimistic(decide_unfinished if unfinished else decide, attempts=10, base_delay=0.004,
+                          metric="ConsumeRetries")
     except _Replay as replay:
         return replay.response
     return Debit(user_id, offer_group, tokens, int(item["balance"]["N"]), _expiry(item.get("expiresAt")))

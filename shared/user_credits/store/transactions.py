@@ -16,6 +16,7 @@ from pynamodb.exceptions import PutError, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from user_credits.errors import ServiceBusy
+from user_credits.observability import count
 from user_credits.store.models import shared_connection
 
 T = TypeVar("T")
@@ -53,8 +54,13 @@ def commit(build: Callable[[TransactWrite], None]) -> None:
         raise
 
 
-def optimistic(attempt: Callable[[], T], *, attempts: int = 12, base_delay: float = 0.005) -> T:
-    """Call `attempt` (which reads, decides and commits) until it commits or gives up with 503.
+def optimistic(
+    attempt: Callable[[], T], *, attempts: int = 12, base_delay: float = 0.005, cap: float = 0.25,
+    metric: str | None = None,
+) -> T:
+    """Call `attempt` (which reads, decides and commits, or makes one conditional write) until it
+    commits or gives up with 503: the one retry loop for lost races (`StaleRead`). Throttling is
+    botocore's to retry (standard mode, as pynamodb configures every client), not this loop's.
 
     Full-jitter exponential backoff keeps colliding writers from retrying in lockstep.
     """
@@ -64,9 +70,11 @@ def optimistic(attempt: Callable[[], T], *, attempts: int = 12, base_delay: floa
         except (StaleRead, PutError, UpdateError) as error:
             if isinstance(error, PutError | UpdateError) and not _is_condition_failure(error):
                 raise
+            if metric is not None:
+                count(metric)
             if number == attempts - 1:
                 break
-            time.sleep(random.uniform(0, base_delay * (2**number)))
+            time.sleep(random.uniform(0, min(cap, base_delay * (2**number))))
     raise ServiceBusy("too much contention on this balance, retry shortly")
 
 
