@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from benchmarks import capacity
 from benchmarks.common import (
     CapturedOutput,
+    Drained,
     Engine,
     Reply,
     Service,
+    StreamRunner,
     function_ready,
     markdown_table,
     new_id,
@@ -45,6 +48,22 @@ class DynamoCall:
     wcu: float | None
     error: str | None
     ms: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)
+    index_wcu: float | None = None  # of `wcu`, what DynamoDB Local charged to indexes
+    touched: list[Any] | None = None  # capacity.Touched, while an ImageObserver is attached
+
+
+def balance_transaction(call: DynamoCall, accounts_table: str) -> bool:
+    """A TransactWriteItems that includes a balance item (`GROUP#<group>` in the Accounts table): on AWS
+    it would make every concurrent plain write to that item fail with TransactionConflictException."""
+    if call.operation != "TransactWriteItems":
+        return False
+    for entry in call.params.get("TransactItems", []):
+        (_action, body), = entry.items()
+        key = body.get("Key") or body.get("Item") or {}
+        if body.get("TableName") == accounts_table and str(key.get("sk", {}).get("S", "")).startswith("GROUP#"):
+            return True
+    return False
 
 
 @dataclass
@@ -52,13 +71,14 @@ class CallRecorder:
     """Counts DynamoDB calls made by any botocore client in this process while installed."""
 
     calls: list[DynamoCall] = field(default_factory=list)
+    observer: Any = None  # capacity.ImageObserver: reads each written item before and after its write
     _original: Any = None
 
     def install(self) -> None:
         from botocore.client import BaseClient
         from botocore.exceptions import ClientError
 
-        original = BaseClient._make_api_call
+        original = BaseClient._make_api_call  # type: ignore[attr-defined]
         recorder = self
 
         def counted(client: Any, operation_name: str, api_params: dict[str, Any]) -> Any:
@@ -66,29 +86,35 @@ class CallRecorder:
                 return original(client, operation_name, api_params)
             params = dict(api_params)
             if operation_name in CAPACITY_OPS:
-                params.setdefault("ReturnConsumedCapacity", "TOTAL")
+                params.setdefault("ReturnConsumedCapacity", "INDEXES")
+            observer = recorder.observer
+            touched = observer.before(original, client, operation_name, api_params) if observer else None
             started = time.perf_counter()
             try:
                 response = original(client, operation_name, params)
             except ClientError as error:
-                code = str(error.response.get("Error", {}).get("Code", "error"))
-                rcu, wcu = _capacity(operation_name, error.response.get("ConsumedCapacity"))
                 ms = (time.perf_counter() - started) * 1000
-                recorder.calls.append(DynamoCall(operation_name, rcu, wcu, code, ms))
+                if observer:
+                    observer.after(original, client, touched)
+                code = str(error.response.get("Error", {}).get("Code", "error"))
+                rcu, wcu, index = _capacity(operation_name, error.response.get("ConsumedCapacity"))
+                recorder.calls.append(DynamoCall(operation_name, rcu, wcu, code, ms, api_params, index, touched))
                 raise
             ms = (time.perf_counter() - started) * 1000
-            rcu, wcu = _capacity(operation_name, response.get("ConsumedCapacity"))
-            recorder.calls.append(DynamoCall(operation_name, rcu, wcu, None, ms))
+            if observer:
+                observer.after(original, client, touched)
+            rcu, wcu, index = _capacity(operation_name, response.get("ConsumedCapacity"))
+            recorder.calls.append(DynamoCall(operation_name, rcu, wcu, None, ms, api_params, index, touched))
             return response
 
         self._original = original
-        BaseClient._make_api_call = counted  # type: ignore[method-assign]
+        BaseClient._make_api_call = counted  # type: ignore[attr-defined]
 
     def uninstall(self) -> None:
         from botocore.client import BaseClient
 
         if self._original is not None:
-            BaseClient._make_api_call = self._original  # type: ignore[method-assign]
+            BaseClient._make_api_call = self._original  # type: ignore[attr-defined]
             self._original = None
 
     def take(self) -> list[DynamoCall]:
@@ -96,21 +122,42 @@ class CallRecorder:
         return taken
 
 
-def _capacity(operation: str, consumed: Any) -> tuple[float | None, float | None]:
-    """(RCU, WCU) of one response; None when the response reported no capacity."""
+def drain_attributed(stream: StreamRunner, recorder: CallRecorder) -> tuple[Drained, list[DynamoCall]]:
+    """Run the stream function on what the table's stream holds; the DynamoDB calls it made (the pump's
+    own reads of the stream go to the `dynamodbstreams` service and are not counted)."""
+    made: list[DynamoCall] = []
+
+    def around(invoke: Callable[[], Any]) -> Any:
+        recorder.take()  # anything before the handler (the pump's DescribeTable) is not the function's
+        try:
+            return invoke()
+        finally:
+            made.extend(recorder.take())
+
+    drained = stream.drain(around)
+    recorder.take()
+    return drained, made
+
+
+def _capacity(operation: str, consumed: Any) -> tuple[float | None, float | None, float | None]:
+    """(RCU, WCU, of which to indexes) of one response; None when the response reported no capacity."""
     if not consumed:
-        return None, None
+        return None, None, None
     entries = consumed if isinstance(consumed, list) else [consumed]
-    rcu = wcu = 0.0
+    rcu = wcu = index = 0.0
     for entry in entries:
+        reads = operation in READ_OPS
+        if not reads:
+            for gsi in (entry.get("GlobalSecondaryIndexes") or {}).values():
+                index += float(gsi.get("WriteCapacityUnits", gsi.get("CapacityUnits", 0.0)))
         if "ReadCapacityUnits" in entry or "WriteCapacityUnits" in entry:
             rcu += float(entry.get("ReadCapacityUnits", 0.0))
             wcu += float(entry.get("WriteCapacityUnits", 0.0))
-        elif operation in READ_OPS:
+        elif reads:
             rcu += float(entry.get("CapacityUnits", 0.0))
         else:
             wcu += float(entry.get("CapacityUnits", 0.0))
-    return rcu, wcu
+    return rcu, wcu, index
 
 
 # ---------------------------------------------------------------- scenarios
@@ -235,6 +282,14 @@ def _calls_at_most(limit: int) -> Callable[[list[DynamoCall], int], bool]:
     return lambda calls, _stripe: len(calls) <= limit
 
 
+def _calls_exactly(count: int) -> Callable[[list[DynamoCall], int], bool]:
+    return lambda calls, _stripe: len(calls) == count and not any(c.operation in TRANSACTION_OPS for c in calls)
+
+
+def _no_transaction_within(limit: int) -> Callable[[list[DynamoCall], int], bool]:
+    return lambda calls, _stripe: len(calls) <= limit and not any(c.operation in TRANSACTION_OPS for c in calls)
+
+
 def _webhook_target(calls: list[DynamoCall], _stripe: int) -> bool:
     plain = [c for c in calls if c.operation not in TRANSACTION_OPS]
     tx = [c for c in calls if c.operation in TRANSACTION_OPS]
@@ -297,10 +352,11 @@ def scenarios() -> list[Scenario]:
                  lambda b: _webhook(b, _succeeded(b, "sig-order"), signature="t=1,v1=00"), 400, "0 calls",
                  _calls_at_most(0)),
         Scenario("POST /users/{userId}/consume", "success", "consume",
-                 lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1}), 200, "<= 2 calls", _calls_at_most(2)),
+                 lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1}), 200, "1 call, no transaction",
+                 _calls_exactly(1)),
         Scenario("POST /users/{userId}/consume", "success, group of 10 lots", "consume",
-                 lambda b: _consume(b, {"offerGroup": b.id("biggroup"), "tokens": 1}), 200, "<= 2 calls",
-                 _calls_at_most(2)),
+                 lambda b: _consume(b, {"offerGroup": b.id("biggroup"), "tokens": 1}), 200, "1 call, no transaction",
+                 _calls_exactly(1)),
         Scenario("POST /users/{userId}/consume", "insufficient (402)", "consume",
                  lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1_000_000}), 402, "<= 2 calls",
                  _calls_at_most(2)),
@@ -312,14 +368,17 @@ def scenarios() -> list[Scenario]:
                  _calls_at_most(2)),
         Scenario("POST /users/{userId}/consume", "Idempotency-Key first", "consume",
                  lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1}, key=b.id("consume-key")), 200,
-                 "<= 2 calls", _calls_at_most(2)),
+                 "<= 2 calls, no transaction", _no_transaction_within(2)),
         Scenario("POST /users/{userId}/consume", "Idempotency-Key replay", "consume",
-                 lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1}, key=b.id("consume-key")), 200),
+                 lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1}, key=b.id("consume-key")), 200,
+                 "1 call", _calls_exactly(1)),
         Scenario("POST /users/{userId}/consume", "key reused, other body (422)", "consume",
                  lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 2}, key=b.id("consume-key")), 422),
+        Scenario("POST /users/{userId}/consume", "key retried before the stream ran (rare path)", "consume",
+                 _consume_retried_early, 200),
         Scenario("POST /users/{userId}/consume", "with overdraft", "consume",
                  lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 1_010, "maxOverdraft": 100}), 200,
-                 "<= 2 calls", _calls_at_most(2)),
+                 "1 call, no transaction", _calls_exactly(1)),
         Scenario("POST /users/{userId}/consume", "invalid body (422)", "consume",
                  lambda b: _consume(b, {"offerGroup": b.id(g), "tokens": 0}), 422, "0 calls", _calls_at_most(0)),
         Scenario("GET /credits", "own credits", "get_credits",
@@ -343,6 +402,16 @@ def scenarios() -> list[Scenario]:
     ]
 
 
+def _consume_retried_early(b: Bench) -> Reply:
+    """A keyed consume retried before the stream completed its record (the first attempt is made
+    uncounted; no drain runs between the two): the one path of a consume with a transaction."""
+    body = {"offerGroup": b.id("group"), "tokens": 1}
+    if "early-key-first" not in b.ids:
+        b.ids["early-key-first"] = True
+        b.ids["_reset"] = True
+    return _consume(b, body, key=b.id("early-key"))
+
+
 def _grant_twice(b: Bench) -> Reply:
     """The first grant with the key is made before counting, so the counted request is the replay."""
     body = {"offerGroup": b.id("group"), "tokens": 7}
@@ -355,7 +424,30 @@ def _grant_twice(b: Bench) -> Reply:
     return b.service.call("POST", path, body, iam=True, headers=headers)
 
 
-def _run_pass(service: Service, stripe: Any, recorder: CallRecorder, secret: str) -> list[dict[str, Any]]:
+def summarise(calls: list[DynamoCall], accounts_table: str) -> dict[str, Any]:
+    """Counts and capacity of a list of calls (one request's, or the stream function's for it)."""
+    ops: dict[str, int] = {}
+    for call in calls:
+        label = call.operation + (f"!{call.error}" if call.error else "")
+        ops[label] = ops.get(label, 0) + 1
+    return {
+        "dynamodb_calls": len(calls),
+        "transactions": sum(1 for c in calls if c.operation in TRANSACTION_OPS),
+        "balance_transactions": sum(1 for c in calls if balance_transaction(c, accounts_table)),
+        "operations": ops,
+        "call_detail": [[c.operation, c.rcu, c.wcu, c.error] for c in calls],
+        "wcu_aws_estimate": sum((c.wcu or 0.0) / (_TX_FACTOR if c.operation in TRANSACTION_OPS else 1.0)
+                                for c in calls),
+        "rcu": sum(c.rcu or 0.0 for c in calls),
+        "wcu": sum(c.wcu or 0.0 for c in calls),
+        "calls_without_capacity": sum(1 for c in calls if c.rcu is None and c.wcu is None),
+        "dynamodb_ms": sum(c.ms for c in calls),
+    }
+
+
+def _run_pass(service: Service, stripe: Any, recorder: CallRecorder, secret: str,
+              stream: StreamRunner) -> list[dict[str, Any]]:
+    accounts = service.tables["AccountsTable"]
     b = Bench(service, stripe, secret)
     try:
         _setup(b)
@@ -368,6 +460,7 @@ def _run_pass(service: Service, stripe: Any, recorder: CallRecorder, secret: str
         if not function_ready(scenario.function):
             rows.append({**row, "measured": False, "note": f"functions/{scenario.function} not landed"})
             continue
+        drain_attributed(stream, recorder)  # what the setup or the previous scenario left is not this one's
         recorder.take()
         stripe_before = len(stripe.requests) if stripe is not None else 0
         try:
@@ -386,30 +479,21 @@ def _run_pass(service: Service, stripe: Any, recorder: CallRecorder, secret: str
             continue
         calls = recorder.take()
         stripe_calls = (len(stripe.requests) - stripe_before) if stripe is not None else 0
-        ops: dict[str, int] = {}
-        for call in calls:
-            label = call.operation + (f"!{call.error}" if call.error else "")
-            ops[label] = ops.get(label, 0) + 1
+        # Then Lambda's event source mapping: the stream function on the records this request wrote.
+        drained, stream_calls = drain_attributed(stream, recorder)
         rows.append({
             **row,
             "measured": True,
             "status": reply.status,
             "error_code": reply.body.get("error") if isinstance(reply.body, dict) else None,
             "status_ok": reply.status == scenario.expect,
-            "dynamodb_calls": len(calls),
-            "transactions": sum(1 for c in calls if c.operation in TRANSACTION_OPS),
-            "operations": ops,
-            "call_detail": [[c.operation, c.rcu, c.wcu, c.error] for c in calls],
-            "wcu_aws_estimate": sum((c.wcu or 0.0) / (_TX_FACTOR if c.operation in TRANSACTION_OPS else 1.0)
-                                    for c in calls),
-            "rcu": sum(c.rcu or 0.0 for c in calls),
-            "wcu": sum(c.wcu or 0.0 for c in calls),
-            "calls_without_capacity": sum(1 for c in calls if c.rcu is None and c.wcu is None),
+            **summarise(calls, accounts),
             "stripe_calls": stripe_calls,
             "wall_ms": wall_ms,
             "cpu_ms": cpu_ms,
-            "dynamodb_ms": sum(c.ms for c in calls),
             "target_met": scenario.check(calls, stripe_calls) if scenario.check else None,
+            "stream": {"records": drained.records, "changes": drained.changes, "failed_items": drained.failed_items,
+                       "ms": drained.seconds * 1000, **summarise(stream_calls, accounts)},
         })
     if "_setup_error" in b.ids:
         rows.append({"route": "(setup)", "case": "offers/grant/expired group", "measured": False,
@@ -510,16 +594,19 @@ def run(engine: Engine, *, breakdown_requests: int = 200) -> dict[str, Any]:
     os.environ["STRIPE_WEBHOOK_SECRET"] = secret
     service = Service(engine.endpoint, engine.tables)
     os.environ["STRIPE_API_BASE"] = fake.base_url
+    stream = StreamRunner(engine.endpoint, engine.tables)
+    stream.skip_to_now()
     recorder = CallRecorder()
     recorder.install()
     output = CapturedOutput()
     try:
         started = time.perf_counter()
         with output:
-            cold = _run_pass(service, fake, recorder, secret)
-            warm = _run_pass(service, fake, recorder, secret)
-            breakdown = (consume_breakdown(engine, service, recorder, breakdown_requests)
-                         if function_ready("consume") and function_ready("admin_grants") else None)
+            cold = _run_pass(service, fake, recorder, secret, stream)
+            warm = _run_pass(service, fake, recorder, secret, stream)
+            ready = function_ready("consume") and function_ready("admin_grants")
+            model = capacity.model(service, recorder, stream) if ready else None
+            breakdown = consume_breakdown(engine, service, recorder, breakdown_requests) if ready else None
         elapsed = time.perf_counter() - started
     finally:
         recorder.uninstall()
@@ -530,38 +617,94 @@ def run(engine: Engine, *, breakdown_requests: int = 200) -> dict[str, Any]:
             extra.append({"route": first["route"], "case": first["case"], "cold_calls": first["dynamodb_calls"],
                           "warm_calls": second["dynamodb_calls"], "cold_operations": first["operations"]})
     return {"rows": warm, "cold_differences": extra, "seconds": elapsed, "calibration": calibration,
-            "handler_errors": output.error_lines(), "consume_breakdown": breakdown}
+            "handler_errors": output.error_lines(), "consume_breakdown": breakdown, "capacity": model,
+            "stream_total": vars(stream.total), "stream_errors": stream.errors}
+
+
+CONSUME = "POST /users/{userId}/consume"
+CONSUME_TARGETS: dict[str, tuple[str, Callable[[dict[str, Any]], bool]]] = {
+    "success": ("1", lambda r: r["dynamodb_calls"] == 1 and r["transactions"] == 0),
+    "success, group of 10 lots": ("1", lambda r: r["dynamodb_calls"] == 1 and r["transactions"] == 0),
+    "Idempotency-Key first": ("<= 2", lambda r: r["dynamodb_calls"] <= 2 and r["transactions"] == 0),
+    "Idempotency-Key replay": ("1", lambda r: r["dynamodb_calls"] == 1 and r["transactions"] == 0),
+    "insufficient (402)": ("<= 2", lambda r: r["dynamodb_calls"] <= 2 and r["transactions"] == 0),
+}
+
+
+def _ops(operations: dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in operations.items()) or "none"
+
+
+def consume_table(result: dict[str, Any]) -> str:
+    """Calls per consume: the request's, and the stream function's for the records it wrote."""
+    rows = []
+    for r in result["rows"]:
+        if r.get("route") != CONSUME or not r.get("measured"):
+            continue
+        st = r["stream"]
+        target = CONSUME_TARGETS.get(r["case"])
+        limit = target[0] if target else "-"
+        verdict = "-" if target is None else ("met" if target[1](r) else "**NOT MET**")
+        rows.append([r["case"], r["status"], r["dynamodb_calls"], _ops(r["operations"]), r["transactions"],
+                     r["balance_transactions"], st["dynamodb_calls"], _ops(st["operations"]),
+                     st["balance_transactions"], r["dynamodb_calls"] + st["dynamodb_calls"], limit, verdict])
+    return markdown_table(
+        ["consume case", "status", "request: calls", "request: ops", "request: transactions",
+         "request: tx incl. a balance item", "stream: calls", "stream: ops", "stream: tx incl. a balance item",
+         "calls in all", "target (request calls, no tx)", "met"], rows)
 
 
 def markdown(result: dict[str, Any]) -> str:
     out = [
-        "Warm pass (the second of two with fresh ids). `ops` lists DynamoDB operations (`!Code` = the call "
-        "failed with that error; DynamoDB reports no capacity for failed calls, although real DynamoDB "
-        "charges conditional-check failures as writes). Capacity as reported by DynamoDB Local with "
-        "`ReturnConsumedCapacity=TOTAL`; `WCU (AWS)` divides transactional WCU by the factor measured below, "
+        "Calls per consume: the request (through the consume handler), then the stream function on the records "
+        "that request wrote (a StreamPump delivering the Accounts table's stream to functions/ledger_stream in "
+        "this process, with the same call recorder). `tx incl. a balance item` counts TransactWriteItems that "
+        "include a `GROUP#` item of the Accounts table: each would make concurrent consumes of that balance fail "
+        "with TransactionConflictException on AWS.",
+        "",
+        consume_table(result),
+        "",
+        "Every route. Warm pass (the second of two with fresh ids). `ops` lists DynamoDB operations (`!Code` = "
+        "the call failed with that error; DynamoDB Local reports no capacity for failed calls, although real "
+        "DynamoDB charges conditional-check failures as writes). Capacity as reported by DynamoDB Local with "
+        "`ReturnConsumedCapacity=INDEXES`; `WCU (AWS)` divides transactional WCU by the factor measured below, "
         "the rest is as reported. `ms` = one request's wall time (all / inside DynamoDB calls) and `CPU ms` "
-        "= this process's CPU time for it (one sample each, on a shared machine: indicative only).",
+        "= this process's CPU time for it (one sample each, on a shared machine: indicative only). A row "
+        "`-> stream` follows every request whose records made the stream function do something: its calls, and "
+        "`ms` = the drain's wall time.",
         "",
     ]
     rows = []
     for r in result["rows"]:
         if not r.get("measured"):
-            rows.append([r["route"], r["case"], "not measured", "-", "-", "-", "-", "-", "-", "-", "-",
+            rows.append([r["route"], r["case"], "not measured", "-", "-", "-", "-", "-", "-", "-", "-", "-",
                          r.get("note", ""), r.get("target", ""), "-"])
             continue
         status = f"{r['status']}" + (f" {r['error_code']}" if r["error_code"] else "")
         if not r["status_ok"]:
             status += f" (expected {r['expected_status']})"
-        ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in r["operations"].items()) or "none"
         target = r["target"] or ""
         verdict = "-" if r["target_met"] is None else ("met" if r["target_met"] else "**NOT MET**")
-        rows.append([r["route"], r["case"], status, r["dynamodb_calls"], r["transactions"], f"{r['rcu']:.1f}",
-                     f"{r['wcu']:.1f}", f"{r['wcu_aws_estimate']:.1f}", r["stripe_calls"],
-                     f"{r['wall_ms']:.0f} / {r['dynamodb_ms']:.0f}", f"{r['cpu_ms']:.1f}", ops, target, verdict])
+        rows.append([r["route"], r["case"], status, r["dynamodb_calls"], r["transactions"],
+                     r["balance_transactions"], f"{r['rcu']:.1f}", f"{r['wcu']:.1f}", f"{r['wcu_aws_estimate']:.1f}",
+                     r["stripe_calls"], f"{r['wall_ms']:.0f} / {r['dynamodb_ms']:.0f}", f"{r['cpu_ms']:.1f}",
+                     _ops(r["operations"]), target, verdict])
+        st = r["stream"]
+        if st["dynamodb_calls"] or st["changes"] or st["failed_items"]:
+            note = f"{st['records']} record(s), {st['changes']} with a change"
+            if st["failed_items"]:
+                note += f", **{st['failed_items']} failed**"
+            rows.append(["-> stream (LedgerStreamFunction)", note, "-", st["dynamodb_calls"], st["transactions"],
+                         st["balance_transactions"], f"{st['rcu']:.1f}", f"{st['wcu']:.1f}",
+                         f"{st['wcu_aws_estimate']:.1f}", "-", f"{st['ms']:.0f} / {st['dynamodb_ms']:.0f}", "-",
+                         _ops(st["operations"]), "", "-"])
     out.append(markdown_table(
-        ["route", "case", "status", "DynamoDB calls", "of which tx", "RCU", "WCU (Local)", "WCU (AWS)",
-         "Stripe calls", "ms (all / in DynamoDB)", "CPU ms", "ops", "target", "met"], rows,
+        ["route", "case", "status", "DynamoDB calls", "of which tx", "tx incl. a balance item", "RCU",
+         "WCU (Local)", "WCU (AWS)", "Stripe calls", "ms (all / in DynamoDB)", "CPU ms", "ops", "target", "met"],
+        rows,
     ))
+    if result.get("capacity"):
+        out += ["", "Capacity model of a consume (issue 11):", "", capacity.markdown(result["capacity"])]
     if result["handler_errors"]:
         out += ["", "ERROR records the handlers logged during the two passes (expected for the failure cases "
                 "that log, e.g. an inconsistent payment; anything else is a product problem):", ""]
@@ -569,6 +712,9 @@ def markdown(result: dict[str, Any]) -> str:
         for line in result["handler_errors"]:
             counts[line] = counts.get(line, 0) + 1
         out += [f"- {line} (x{n})" for line, n in counts.items()]
+    if result.get("stream_errors"):
+        out += ["", "ERROR records the stream function logged: "
+                + "; ".join(f"{k} (x{v})" for k, v in result["stream_errors"].items())]
     bd = result.get("consume_breakdown")
     if bd:
         out += ["", f"Where an uncontended consume's time goes ({bd['requests']} sequential requests in one "

@@ -72,7 +72,10 @@ def _targets() -> list[dict[str, Any]]:
 
 
 def _env(target: dict[str, Any]) -> dict[str, str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONHASHSEED": "0"}
+    # The core package of THIS checkout first on sys.path, as the layer's /opt/python is on Lambda (an
+    # editable install of the package may point at another checkout).
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONHASHSEED": "0",
+           "PYTHONPATH": str(REPO_ROOT / "shared")}
     env.update(BASE_ENV)
     env.update(QUIET_ENV)
     env.update(target["env"])

@@ -136,6 +136,8 @@ class Service:
         from user_credits_dev import template as tpl
 
         os.environ.update(function_environment(endpoint, tables))
+        self.endpoint = endpoint
+        self.tables = tables
         self.events = EventSink(keep=keep_events)
         publisher.client_factory = lambda: self.events
         publisher.reset_client()
@@ -297,3 +299,87 @@ def machine_load() -> str:
     except OSError:
         return "unknown"
     return f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs"
+
+
+# ---------------------------------------------------------------- the Accounts table's stream
+
+
+@dataclass
+class Drained:
+    """What one drain of the stream delivered to the stream function."""
+
+    records: int = 0  # records passed to the handler, redeliveries included
+    changes: int = 0  # of which carried a new `change` (the others the function skips)
+    batches: int = 0
+    failed_items: int = 0  # batchItemFailures the function reported (each makes the pump deliver again)
+    seconds: float = 0.0
+
+    def add(self, other: Drained) -> None:
+        self.records += other.records
+        self.changes += other.changes
+        self.batches += other.batches
+        self.failed_items += other.failed_items
+        self.seconds += other.seconds
+
+    def per_second(self) -> float:
+        return self.records / self.seconds if self.seconds else 0.0
+
+
+def _has_change(record: dict[str, Any]) -> bool:
+    dynamodb = record.get("dynamodb") or {}
+    new = (dynamodb.get("NewImage") or {}).get("change", {}).get("S")
+    old = (dynamodb.get("OldImage") or {}).get("change", {}).get("S")
+    return new is not None and new != old
+
+
+class StreamRunner:
+    """Lambda's event source mapping on the Accounts table, in this process: a StreamPump
+    (`user_credits_dev.streams`) that hands batches of the table's stream to the real stream function
+    (template.yaml's function with a DynamoDB stream event, loaded from its CodeUri), with its BatchSize.
+
+    `around` (optional) wraps each handler call, e.g. to attribute the DynamoDB calls it makes."""
+
+    def __init__(self, endpoint: str, tables: dict[str, str]) -> None:
+        from user_credits_dev import template as tpl
+        from user_credits_dev.lambda_events import LambdaContext
+        from user_credits_dev.streams import StreamPump
+
+        spec = tpl.stream_function(tpl.functions(tables))
+        if spec is None or spec.stream is None:
+            raise LookupError("template.yaml has no function on a table's stream")
+        self.spec = spec
+        self.handler = tpl.load_handler(spec)
+        self.pump = StreamPump(endpoint, tables[spec.stream], batch_size=spec.batch_size)
+        self._context = LambdaContext
+        self.total = Drained()
+        self.errors: dict[str, int] = {}  # ERROR records the stream function logged, with their counts
+
+    def skip_to_now(self) -> None:
+        self.pump.skip_to_now()
+
+    def drain(self, around: Any = None) -> Drained:
+        """Deliver everything new (the function's own writes to the table included) and say what."""
+        result = Drained()
+
+        def deliver(event: dict[str, Any], _context: Any) -> Any:
+            records = event.get("Records") or []
+            result.batches += 1
+            result.changes += sum(1 for r in records if _has_change(r))
+            context = self._context(function_name=self.spec.logical_id, budget_ms=60_000)
+            if around is not None:
+                response = around(lambda: self.handler(event, context))
+            else:
+                response = self.handler(event, context)
+            failures = (response or {}).get("batchItemFailures") if isinstance(response, dict) else None
+            result.failed_items += len(failures or [])
+            return response
+
+        started = time.perf_counter()
+        # The function's logs and EMF metrics (fd 1) are kept apart; its WARNING/ERROR records are counted.
+        with CapturedOutput() as output:
+            result.records = self.pump.drain(deliver)
+        result.seconds = time.perf_counter() - started
+        for line in output.error_lines():
+            self.errors[line] = self.errors.get(line, 0) + 1
+        self.total.add(result)
+        return result

@@ -7,6 +7,11 @@ due instants (time-machine), and the measured sweep expires the due groups; a re
 should find nothing. Items read are counted from botocore's `after-call` event on every DynamoDB client
 pynamodb makes: Query/Scan `ScannedCount`, 1 per GetItem.
 
+The events (CreditsExpired, CreditsExpiringSoon) and the ledger entries come from the Accounts table's
+stream: after each sweep (untimed, outside the read meter's window) a StreamPump delivers what the sweep
+wrote to the real stream function in this process (`benchmarks.common.StreamRunner`); the bulk seeding
+is skipped (`skip_to_now`), as its items carry no change.
+
 Writes benchmarks/results/sweep.json and sweep.md and prints the table.
 """
 
@@ -26,6 +31,7 @@ from benchmarks.common import (
     CapturedOutput,
     EventSink,
     Stopwatch,
+    StreamRunner,
     apply_base_env,
     function_environment,
     machine_load,
@@ -80,6 +86,7 @@ class SweepRun:
     queries: int
     get_items: int
     seconds: float
+    stream_records: int = 0  # what the stream function was then given (its ledger entries and events)
 
 
 @dataclass
@@ -122,7 +129,7 @@ def seed(users: int, due: int, start: datetime) -> list[str]:
     return ids[:due]
 
 
-def run_sweep(handler: Any, meter: ReadMeter) -> SweepRun:
+def run_sweep(handler: Any, meter: ReadMeter, stream: StreamRunner) -> SweepRun:
     from user_credits_dev.lambda_events import LambdaContext, scheduled_event
 
     meter.reset()
@@ -132,9 +139,13 @@ def run_sweep(handler: Any, meter: ReadMeter) -> SweepRun:
     seconds = watch.seconds()
     if summary["failures"] or not summary["complete"]:
         raise RuntimeError(f"the sweep did not finish cleanly: {summary}")
+    items_read, queries, get_items = meter.items, meter.requests["Query"], meter.requests["GetItem"]
+    drained = stream.drain()  # the events and ledger entries follow from the stream
+    if drained.failed_items:
+        raise RuntimeError(f"the stream function failed {drained.failed_items} record(s) after the sweep")
     return SweepRun(
-        expired=summary["expired"], warned=summary["warned"], items_read=meter.items,
-        queries=meter.requests["Query"], get_items=meter.requests["GetItem"], seconds=seconds,
+        expired=summary["expired"], warned=summary["warned"], items_read=items_read,
+        queries=queries, get_items=get_items, seconds=seconds, stream_records=drained.records,
     )
 
 
@@ -161,11 +172,13 @@ def measure_size(client: Any, endpoint: str, users: int, meter: ReadMeter) -> Si
     watch = Stopwatch()
     due_users = seed(users, due, start)
     seed_seconds = watch.seconds()
+    stream = StreamRunner(endpoint, tables)
+    stream.skip_to_now()  # the seeded items carry no change: nothing for the stream function
     with time_machine.travel(start, tick=True):
-        first = run_sweep(handler, meter)
+        first = run_sweep(handler, meter, stream)
     with time_machine.travel(start + timedelta(minutes=10), tick=True):
-        due_sweep = run_sweep(handler, meter)
-        repeat = run_sweep(handler, meter)
+        due_sweep = run_sweep(handler, meter, stream)
+        repeat = run_sweep(handler, meter, stream)
     expired = sorted(json.loads(e["Detail"])["userId"] for e in sink.entries if e["DetailType"] == "CreditsExpired")
     if expired != sorted(due_users) or due_sweep.expired != due:
         raise RuntimeError(f"{users} users: expected {due} expiries, the sweep reported {due_sweep.expired}")
@@ -187,6 +200,7 @@ def table(results: list[SizeResult]) -> str:
         row("due sweep: items read per due group", lambda r: round(r.due_sweep.items_read / r.due, 2)),
         row("due sweep: Query / GetItem requests", lambda r: f"{r.due_sweep.queries} / {r.due_sweep.get_items}"),
         row("due sweep: seconds", lambda r: round(r.due_sweep.seconds, 2)),
+        row("due sweep: stream records then delivered to the stream function", lambda r: r.due_sweep.stream_records),
         row("repeat sweep: items read", lambda r: r.repeat.items_read),
         row("repeat sweep: seconds", lambda r: round(r.repeat.seconds, 2)),
         row("first sweep (no position yet; nothing due, the 1% warned): items read", lambda r: r.first.items_read),
@@ -199,11 +213,14 @@ def table(results: list[SizeResult]) -> str:
 
 
 def main() -> None:
+    import warnings
+
     import boto3
 
     from user_credits_dev.dynamodb_local import DynamoDBLocal
 
     apply_base_env()
+    warnings.filterwarnings("ignore", message="No application metrics to publish")
     meter = ReadMeter()
     install(meter)
     engine = DynamoDBLocal().start()
