@@ -8,28 +8,80 @@ failure raises, the record is reported failed and delivered again (partial batch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from user_credits.config import load_settings
 from user_credits.domain.balances import crossed_below
 from user_credits.domain.changes import Event, GroupWrite, stamped
 from user_credits.domain.clock import to_iso
+from user_credits.domain.ledger import LedgerEntry
 from user_credits.events.publisher import send
-from user_credits.observability import count
+from user_credits.observability import count, logger
 from user_credits.store import consumption, idempotency, ledger
 from user_credits.store.stream import read_record
 
 
-def apply_record(dynamodb: Mapping[str, Any]) -> None:
-    """Apply one stream record (its `dynamodb` part); records without a change are skipped."""
+@dataclass
+class StreamBatch:
+    """One invocation's records. The ledger entries of all of them go first, in BatchWriteItem calls of
+    25 (one round trip per 25 entries instead of one per record: a hot user's records all come down
+    one shard); each record is then applied on its own (events, a keyed consume's record); last, the
+    markers of the keyed consumes applied are removed, one UpdateItem per balance item."""
+
+    prewritten: set[str] = field(default_factory=set)
+    markers: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Sequence[Mapping[str, Any]]) -> StreamBatch:
+        batch = cls()
+        entries: list[LedgerEntry] = []
+        sequences: list[str] = []
+        for record in records:
+            dynamodb = record.get("dynamodb") or {}
+            try:
+                write = read_record(dynamodb)
+                found = write.entries() if isinstance(write, GroupWrite) else []
+            except Exception:
+                continue  # this record fails on its own, below
+            if found:
+                entries.extend(found)
+                sequences.append(str(dynamodb.get("SequenceNumber")))
+        try:
+            ledger.write_entries(entries)
+        except Exception:
+            # Each record writes its own entries instead (the same items: nothing is written twice).
+            logger.warning("the batch's ledger entries were not written at once", exc_info=True)
+            return batch
+        if entries:
+            count("LedgerEntries", len(entries))
+        batch.prewritten.update(sequences)
+        return batch
+
+    def apply(self, dynamodb: Mapping[str, Any]) -> None:
+        marker = apply_record(dynamodb, entries_written=str(dynamodb.get("SequenceNumber")) in self.prewritten)
+        if marker is not None:
+            user_id, offer_group, record_key = marker
+            self.markers.setdefault((user_id, offer_group), []).append(record_key)
+
+    def finish(self) -> None:
+        """Remove the markers of the keyed consumes applied: their records are completed."""
+        for (user_id, offer_group), record_keys in self.markers.items():
+            consumption.remove_markers(user_id, offer_group, record_keys)
+
+
+def apply_record(dynamodb: Mapping[str, Any], *, entries_written: bool = False) -> tuple[str, str, str] | None:
+    """Apply one stream record (its `dynamodb` part); records without a change are skipped. Returns the
+    (user, group, record key) whose marker may go, for a keyed consume whose record is now completed."""
     write = read_record(dynamodb)
     if write is None:
-        return
+        return None
     events = list(write.change.events)
+    marker = None
     if isinstance(write, GroupWrite):
         entries = write.entries()
-        if entries:
+        if entries and not entries_written:
             ledger.write_entries(entries)
             count("LedgerEntries", len(entries))
         keyed = write.change.keyed
@@ -38,13 +90,14 @@ def apply_record(dynamodb: Mapping[str, Any]) -> None:
             answer = consumption.receipt(write.user_id, write.offer_group, tokens, write.balance_after,
                                          write.expires_at)
             idempotency.complete(keyed.record_key, keyed.request_hash, 200, answer)
-            # Only once the record is completed (see store.consumption): a retry now replays it.
-            consumption.remove_marker(write.user_id, write.offer_group, keyed.record_key)
+            # Its marker may go only once the record is completed (see store.consumption).
+            marker = (write.user_id, write.offer_group, keyed.record_key)
         low = _low_balance(write)
         if low is not None:
             events.append(low)
     if events:
         send(stamped(write.change.change_id, events))
+    return marker
 
 
 def _low_balance(write: GroupWrite) -> Event | None:

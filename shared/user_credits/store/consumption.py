@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -299,16 +299,22 @@ def claim(keyed: KeyedRequest, now: datetime) -> Claim:
     return Claim(fresh=True)
 
 
-def remove_marker(user_id: str, offer_group: str, record_key: str) -> None:
-    """After the key's record is completed, its marker has done its job (see the module's doc)."""
-    balance_marker, expiry_marker = marker_names(record_key)
+def remove_markers(user_id: str, offer_group: str, record_keys: Sequence[str]) -> None:
+    """After the keys' records are completed, their markers have done their job (see the module's doc):
+    one UpdateItem for all of one balance item's. Removing a marker that is gone changes nothing."""
+    names: dict[str, str] = {}
+    for number, record_key in enumerate(dict.fromkeys(record_keys)):
+        balance_marker, expiry_marker = marker_names(record_key)
+        names[f"#b{number}"], names[f"#e{number}"] = balance_marker, expiry_marker
+    if not names:
+        return
     try:
         _client().update_item(
             TableName=BalanceRecord.Meta.table_name, Key=_key(user_id, offer_group),
-            UpdateExpression="REMOVE #mb, #me", ConditionExpression="attribute_exists(#mb)",
-            ExpressionAttributeNames={"#mb": balance_marker, "#me": expiry_marker},
+            UpdateExpression="REMOVE " + ", ".join(names),
+            # Never create a balance item from nothing (REMOVE on a missing key would).
+            ConditionExpression="attribute_exists(#sk)", ExpressionAttributeNames={**names, "#sk": "sk"},
         )
     except ClientError as error:
-        # Already removed (a redelivered record): nothing to do.
         if _error_code(error) != "ConditionalCheckFailedException":
             raise

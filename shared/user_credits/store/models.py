@@ -203,12 +203,13 @@ def bind_tables(settings: Settings) -> None:
     if _bound == names:
         return
     OfferRecord.Meta.table_name = settings.offers_table
-    for account_model in (AccountItem, BalanceRecord, BookRecord, OrderRecord):
+    for account_model in (AccountItem, BalanceRecord, BookRecord, OrderRecord, SweepProgressRecord):
         account_model.Meta.table_name = settings.accounts_table
     LedgerRecord.Meta.table_name = settings.ledger_table
     IdempotencyRecord.Meta.table_name = settings.idempotency_table
     models: tuple[type[Model], ...] = (
-        OfferRecord, AccountItem, BalanceRecord, BookRecord, OrderRecord, LedgerRecord, IdempotencyRecord,
+        OfferRecord, AccountItem, BalanceRecord, BookRecord, OrderRecord, SweepProgressRecord, LedgerRecord,
+        IdempotencyRecord,
     )
     for model in models:
         # A cached connection keeps the old table name (and the old endpoint).
