@@ -63,6 +63,17 @@ SAVE_EVERY = 200
 # batches, and the position only moves over a batch once all of it is done.
 BATCH = 32
 WORKERS = 8
+# Kept for the life of the container: pynamodb gives each thread its own botocore session and client
+# (building one parses botocore's models, ~0.1 s of CPU), so fresh threads every run would pay that
+# eight times per warm invocation.
+_pool: ThreadPoolExecutor | None = None
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="sweep")
+    return _pool
 
 
 class Deadline:
@@ -244,29 +255,29 @@ def expire_due_lots(now: datetime, deadline: Deadline) -> PassReport:
         report.complete = False
         return report
     since_save = 0
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        for batch in _batches(index_entries(start, through), BATCH):
-            if deadline.reached():
-                report.complete = False
-                break
-            report.examined += len(batch)
-            since_save += len(batch)
-            # Entries later in the current second are not due yet: left for the next run.
-            due = [entry for entry in batch if entry.due_at <= now]
-            for entry, outcome in zip(due, pool.map(lambda e: _expire_entry(e, now), due), strict=True):
-                if isinstance(outcome, Exception):
-                    report.failures.append(_failure(entry, "expire", outcome))
-                    blocked = True
-                    continue
-                if not blocked:
-                    reached = entry.sort_key
-                if outcome is not None and outcome.movements:
-                    report.changed += len(outcome.movements)
-            if since_save >= SAVE_EVERY:
-                saved, since_save = store(reached), 0
-        else:
+    pool = _workers()
+    for batch in _batches(index_entries(start, through), BATCH):
+        if deadline.reached():
+            report.complete = False
+            break
+        report.examined += len(batch)
+        since_save += len(batch)
+        # Entries later in the current second are not due yet: left for the next run.
+        due = [entry for entry in batch if entry.due_at <= now]
+        for entry, outcome in zip(due, pool.map(lambda e: _expire_entry(e, now), due), strict=True):
+            if isinstance(outcome, Exception):
+                report.failures.append(_failure(entry, "expire", outcome))
+                blocked = True
+                continue
             if not blocked:
-                reached = through
+                reached = entry.sort_key
+            if outcome is not None and outcome.movements:
+                report.changed += len(outcome.movements)
+        if since_save >= SAVE_EVERY:
+            saved, since_save = store(reached), 0
+    else:
+        if not blocked:
+            reached = through
     store(reached)
     if report.changed:
         count("LotsExpired", report.changed)
