@@ -10,21 +10,39 @@ saw the answer). The stream function's own calls are left alone here (see tests/
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import time_machine
 
 from user_credits.store.balances import read_group
+from user_credits.store.consumption import HOLD_SECONDS
 from user_credits.store.models import LedgerRecord
 
 # Keyed consume: PutItem of the key's record, UpdateItem of the balance (with the key's marker).
 KEYED_CALLS = 2
 # Unkeyed consume: the conditional UpdateItem, nothing else.
 UNKEYED_CALLS = 1
-# A retry that finds the record in_progress before the stream completed it, when the first attempt
-# died before its debit: PutItem (refused: in_progress), the transaction that debits, GetItem of the
-# marker (the answer).
+# A retry that finds the record in_progress, no marker, and the claim older than HOLD_SECONDS (the first
+# attempt died before its debit): PutItem (refused: in_progress), the transaction that debits, GetItem of
+# the marker (the answer). Sooner, it is PutItem and GetItem (no marker yet), and a 503.
 RECOVERY_CALLS = 3
+TOO_SOON_CALLS = 2
+
+
+def settled() -> Any:
+    """The time a caller's retries reach once the first attempt can no longer land its debit."""
+    return time_machine.travel(datetime.now(UTC) + timedelta(seconds=HOLD_SECONDS + 1), tick=True)
+
+
+def consume_as_a_caller(service: Any, user: str, group: str, key: str | None) -> Any:
+    """A 503 means "retry shortly" (Retry-After): the caller does, later."""
+    reply = consume(service, user, group, key)
+    if reply.status == 503:
+        with settled():
+            reply = consume(service, user, group, key)
+    return reply
 
 
 def grant(service: Any, user: str, group: str, tokens: int) -> None:
@@ -54,12 +72,17 @@ def test_a_consume_makes_the_calls_the_fault_tests_cover(local_service: Any, cra
     other = ids("g")
     grant(local_service, user, other, 10)
     with local_service.stream_late():
-        # Dies after claiming its key, before its debit; the retry comes before the stream runs.
+        # Dies after claiming its key, before its debit; the retries come before the stream runs.
         crash.arm("after", at_call=1)
         crash.expect_crash(lambda: consume(local_service, user, other, "recover"))
         crash.count_calls()
-        assert consume(local_service, user, other, "recover").status == 200
-        assert crash.calls == RECOVERY_CALLS
+        # Too soon: the first attempt might still land its debit.
+        assert consume(local_service, user, other, "recover").status == 503
+        assert crash.calls == TOO_SOON_CALLS
+        with settled():
+            crash.count_calls()
+            assert consume(local_service, user, other, "recover").status == 200
+            assert crash.calls == RECOVERY_CALLS
 
 
 @pytest.mark.parametrize("stream", ["delivered", "late"])
@@ -76,7 +99,7 @@ def test_retry_after_a_crash_at_any_call_debits_exactly_once(
         crash.arm(phase, at_call)
         crash.expect_crash(lambda: consume(local_service, user, group, "retry-me"))
         crash.disarm()
-        reply = consume(local_service, user, group, "retry-me")
+        reply = consume_as_a_caller(local_service, user, group, "retry-me")
         assert reply.status == 200 and reply.body == expected
     # And a third time, once the stream has completed the record: still the same answer, one debit.
     assert consume(local_service, user, group, "retry-me").body == expected
@@ -92,20 +115,21 @@ def test_retry_after_a_crash_at_any_call_debits_exactly_once(
 def test_a_crash_while_recovering_is_survived_too(
     local_service: Any, crash: Any, ids: Any, balanced: Any, phase: str, at_call: int, first_dies_after: int
 ) -> None:
-    """The first request dies after its claim (or its debit); the retry, before the stream has run, dies
-    too, at every call; the next retry answers with the one debit."""
+    """The first request dies after its claim (or its debit); the retry, before the stream has run and
+    once the claim has settled, dies too, at every call; the next retry answers with the one debit."""
     user, group = ids("u"), ids("g")
     grant(local_service, user, group, 10)
     with local_service.stream_late():
         crash.arm("after", first_dies_after)
         crash.expect_crash(lambda: consume(local_service, user, group, "twice"))
-        crash.arm(phase, at_call)
-        # This retry may die (at the planned call) or, if it makes fewer calls, answer: both are fine.
-        with contextlib.suppress(crash.error):
-            consume(local_service, user, group, "twice")
-        crash.disarm()
-        reply = consume(local_service, user, group, "twice")
-        assert reply.status == 200 and reply.body["balance"] == 7
+        with settled():
+            crash.arm(phase, at_call)
+            # This retry may die (at the planned call) or, if it makes fewer calls, answer: both are fine.
+            with contextlib.suppress(crash.error):
+                consume(local_service, user, group, "twice")
+            crash.disarm()
+            reply = consume(local_service, user, group, "twice")
+            assert reply.status == 200 and reply.body["balance"] == 7
     assert consume(local_service, user, group, "twice").body["balance"] == 7
     assert read_group(user, group).balance == 7
     balanced(user)
@@ -139,3 +163,34 @@ def test_a_keyed_refusal_is_decided_again_on_retry(local_service: Any, ids: Any,
     assert consume(local_service, user, group, "later").body == first.body
     assert read_group(user, group).balance == 4
     balanced(user)
+
+
+def test_a_duplicate_never_debits_while_the_first_attempt_may_still_land(
+    local_service: Any, ids: Any, balanced: Any,
+) -> None:
+    """The first attempt claims its key and is slow to land its debit (botocore's backoff, a pause): a
+    duplicate meanwhile must neither debit nor let the first debit twice (found in review)."""
+    from user_credits.domain.changes import KeyedRequest
+    from user_credits.store import consumption as store
+    from user_credits.store.idempotency import request_hash, scoped_key
+
+    user, group = ids("u"), ids("g")
+    grant(local_service, user, group, 10)
+    body = {"offerGroup": group, "tokens": 3, "maxOverdraft": 0}
+    keyed = KeyedRequest("slow", scoped_key(user, store.CONSUME_ROUTE, "slow"), request_hash(body))
+    now = datetime.now(UTC)
+    assert store.claim(keyed, now).fresh  # the first attempt, paused after its claim
+    # The duplicate: too soon to decide; nothing is debited.
+    assert consume(local_service, user, group, "slow").status == 503
+    assert read_group(user, group).balance == 10
+    # The first attempt lands (its answer is its own), the stream completes the record.
+    first = store.debit(user, group, 3, 0, now, keyed)
+    assert isinstance(first, store.Debit) and first.balance_after == 7
+    local_service.drain()
+    # Every retry, soon or late, replays that one debit.
+    assert consume(local_service, user, group, "slow").body["balance"] == 7
+    with settled():
+        assert consume(local_service, user, group, "slow").body["balance"] == 7
+    assert read_group(user, group).balance == 7
+    balanced(user)
+    assert len(consume_entries(user)) == 1

@@ -211,7 +211,11 @@ def run_every_path(shop: Shop, ids: Any) -> None:
         KILLER.armed = True
         with contextlib.suppress(Killed):
             assert _consume(shop, user, group, 3, key="died-key").status == 500
-        assert _consume(shop, user, group, 3, key="died-key").status == 200
+        assert _consume(shop, user, group, 3, key="died-key").status == 503  # too soon: it may still land
+        with time_machine.travel(datetime.now(UTC) + timedelta(minutes=2), tick=True):
+            assert _consume(shop, user, group, 3, key="died-key").status == 200
+    # A keyed refusal gives its claim back.
+    assert _consume(shop, user, group, 10**9, key="refused-key").status == 402
     # Grants: keyed and its replay, negative, and one that expires soon (for the sweep).
     assert _grant(shop, user, {"offerGroup": group, "tokens": 10}, key="grant-key").status == 201
     assert _grant(shop, user, {"offerGroup": group, "tokens": 10}, key="grant-key").status == 201

@@ -42,10 +42,21 @@ def consume_tokens(
                 # A replay changed nothing: the first request did.
                 return ConsumeResult(claim.replay.status_code, claim.replay.body)
             unfinished = claim.unfinished
+            if unfinished and not _settled(claim.claimed_at, now):
+                # The first attempt may still be on its way: only a marker (it debited) answers now.
+                marked = store.marked(user_id, offer_group, tokens, keyed)
+                if marked is None:
+                    raise ServiceBusy("the first request with this Idempotency-Key is still in progress, "
+                                      "retry shortly")
+                return ConsumeResult(marked.status_code, marked.body)
         try:
             decided = _decide(user_id, offer_group, tokens, max_overdraft, now, keyed, unfinished)
         except store.KeyFinished:
             continue
+        except (InsufficientCredits, CreditsExpired):
+            if keyed is not None:
+                store.release(keyed)
+            raise
         if isinstance(decided, StoredResponse):
             return ConsumeResult(decided.status_code, decided.body)
         count("Consumes")
@@ -55,6 +66,11 @@ def consume_tokens(
 
 # A key whose record keeps changing under us (completed, expired) is claimed again at most this often.
 CLAIMS: Final = 3
+
+
+def _settled(claimed_at: datetime | None, now: datetime) -> bool:
+    """Whether an unfinished claim is old enough that its request can no longer land its debit."""
+    return claimed_at is not None and (now - claimed_at).total_seconds() >= store.HOLD_SECONDS
 
 
 def _decide(

@@ -15,25 +15,34 @@ TransactionConflictException on AWS, and costs double. So the consume path has n
   says that this key's debit happened, and holds its answer. The stream function completes the
   record with that answer, then removes the marker.
 - **A retry that finds the record unfinished** (the first attempt died between (1) and (2), or a
-  concurrent duplicate is between them): one `TransactWriteItems` of a ConditionCheck that the
-  record is still `in_progress` and the update of (2). If the marker is there, the debit happened:
-  replay its answer. If the record is completed, replay the record. Else nobody debited: this does.
-  It is the only transaction on the consume path, and runs only on that rare retry; the marker is
-  removed only after the record is completed, which is what makes the check sound.
+  concurrent duplicate is between them). If the balance item carries the key's marker, the debit
+  happened: replay its answer. Otherwise, while the claim is younger than `HOLD_SECONDS`, the first
+  attempt may still be on its way (a request lives at most the function's timeout): 503, retry
+  shortly. Once it is older, nobody can land (2) any more, and one `TransactWriteItems` of a
+  ConditionCheck that the record is still `in_progress` and the update of (2) decides: the marker
+  there means the debit happened (replay), a completed record is replayed, else this debits. It is
+  the only transaction on the consume path, and runs only on that rare retry.
+- Why that is sound: the marker is removed only after the record is completed, and (2) is sent once
+  (`_single_attempt_client`: botocore's own retries would resend it after an answer lost on the way,
+  possibly after the stream removed the marker); only errors that guarantee nothing was applied
+  (throttling, conflicts) are retried, by the one loop. An ambiguous failure is the caller's to retry,
+  with the same key.
 
-A refusal writes nothing to the balance. A keyed refusal leaves its record `in_progress`, so a
-retry after a top-up decides afresh (through the transaction above) instead of replaying the 402.
+A refusal writes nothing to the balance; a keyed refusal deletes its claim, so a retry after a top-up
+decides afresh instead of replaying the 402.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from user_credits.domain.changes import Change, KeyedRequest
@@ -47,9 +56,15 @@ from user_credits.store.transactions import StaleRead, optimistic
 CONSUME_ROUTE: Final = "consume"
 MARKER_BALANCE, MARKER_EXPIRY = "ikb_", "ike_"
 
-# A plain write to an item while a transaction that includes it is in flight fails with these on AWS
-# (nothing was applied): a lost race, retried by the one loop (`transactions.optimistic`).
-_CONFLICTS: Final = {"TransactionConflictException", "TransactionInProgressException"}
+# Errors that guarantee nothing was applied: a plain write to an item while a transaction that includes
+# it is in flight (AWS), and throttling. Retried by the one loop (`transactions.optimistic`).
+_CONFLICTS: Final = {
+    "TransactionConflictException", "TransactionInProgressException", "ThrottlingException",
+    "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+}
+# A keyed consume's first attempt lands its update within the function's timeout (15 s) of its claim;
+# a retry that finds the claim unfinished and no marker waits until the claim is older than this.
+HOLD_SECONDS: Final = 60
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,25 @@ class KeyFinished(Exception):
 def _client() -> Any:
     # The client of the connection pynamodb uses for this table: one connection pool, one endpoint.
     return BalanceRecord._get_connection().connection.client
+
+
+def _single_attempt_client() -> Any:
+    """A client of the same connection that sends each request once: the debit must not be resent by
+    botocore after an answer lost on the way (see the module's doc); the one loop retries what is safe."""
+    connection = BalanceRecord._get_connection().connection
+    client = _single_attempt.get(connection)
+    if client is None:
+        base = connection.client
+        client = connection.session.create_client(
+            "dynamodb", base.meta.region_name, endpoint_url=base.meta.endpoint_url,
+            config=base.meta.config.merge(Config(retries={"total_max_attempts": 1, "mode": "standard"})),
+        )
+        _single_attempt[connection] = client
+    return client
+
+
+# One per pynamodb connection (a rebind of the tables makes new ones).
+_single_attempt: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _time(moment: datetime) -> str:
@@ -200,7 +234,7 @@ def debit(
 
     def decide() -> dict[str, Any]:
         try:
-            response: dict[str, Any] = _client().update_item(
+            response: dict[str, Any] = _single_attempt_client().update_item(
                 **request, ReturnValues="ALL_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as error:
             if _error_code(error) == "ConditionalCheckFailedException":
@@ -222,7 +256,7 @@ def debit(
             "ExpressionAttributeValues": {":open": {"S": "in_progress"}, ":h": {"S": keyed.request_hash}},
         }}
         try:
-            _client().transact_write_items(TransactItems=[
+            _single_attempt_client().transact_write_items(TransactItems=[
                 check, {"Update": {**request, "ReturnValuesOnConditionCheckFailure": "ALL_OLD"}}])
         except ClientError as error:
             reasons = _reasons(error)
@@ -238,10 +272,13 @@ def debit(
                     raise _Replay(replay) from error
                 raise _refusal(old, now) from error
             raise
-        # The transaction returns nothing: the marker it set holds this debit's answer.
+        # The transaction returns nothing: the marker it set holds this debit's answer, unless the stream
+        # has already completed the record (and removed the marker): then the record holds it.
         item = _client().get_item(TableName=BalanceRecord.Meta.table_name, Key=_key(user_id, offer_group),
                                   ConsistentRead=True)["Item"]
         balance_marker, expiry_marker = marker_names(keyed.record_key)
+        if balance_marker not in item:
+            raise KeyFinished(keyed.record_key)
         return {"balance": item[balance_marker], "expiresAt": item.get(expiry_marker, {"NULL": True})}
 
     try:
@@ -268,6 +305,8 @@ class Claim:
     fresh: bool = False
     replay: StoredResponse | None = None
     unfinished: bool = False
+    # When the unfinished claim was made.
+    claimed_at: datetime | None = None
 
 
 def claim(keyed: KeyedRequest, now: datetime) -> Claim:
@@ -292,11 +331,33 @@ def claim(keyed: KeyedRequest, now: datetime) -> Claim:
         old: Mapping[str, Any] = found or {}
         if old.get("requestHash", {}).get("S") != keyed.request_hash:
             raise IdempotencyKeyReused("this Idempotency-Key was used with a different request body") from error
-        if old.get("status", {}).get("S") == "completed":
-            stored = IdempotencyRecord.from_raw_data(dict(old))
+        stored = IdempotencyRecord.from_raw_data(dict(old))
+        if stored.status == "completed":
             return Claim(replay=StoredResponse(int(stored.statusCode or 200), stored.response))
-        return Claim(unfinished=True)
+        return Claim(unfinished=True, claimed_at=stored.createdAt)
     return Claim(fresh=True)
+
+
+def marked(user_id: str, offer_group: str, tokens: int, keyed: KeyedRequest) -> StoredResponse | None:
+    """The answer of this key's debit if the balance item carries its marker (one consistent GetItem)."""
+    item = _client().get_item(TableName=BalanceRecord.Meta.table_name, Key=_key(user_id, offer_group),
+                              ConsistentRead=True).get("Item")
+    return _replayed(user_id, offer_group, tokens, keyed, item)
+
+
+def release(keyed: KeyedRequest) -> None:
+    """Delete this request's own unfinished claim after its debit was refused (nothing was debited), so
+    that a retry decides afresh. A claim already gone, or not ours, is left alone."""
+    try:
+        _client().delete_item(
+            TableName=IdempotencyRecord.Meta.table_name, Key={"key": {"S": keyed.record_key}},
+            ConditionExpression="#st = :open AND #h = :h",
+            ExpressionAttributeNames={"#st": "status", "#h": "requestHash"},
+            ExpressionAttributeValues={":open": {"S": "in_progress"}, ":h": {"S": keyed.request_hash}},
+        )
+    except ClientError as error:
+        if _error_code(error) != "ConditionalCheckFailedException":
+            raise
 
 
 def remove_markers(user_id: str, offer_group: str, record_keys: Sequence[str]) -> None:
