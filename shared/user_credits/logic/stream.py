@@ -89,7 +89,11 @@ def apply_record(dynamodb: Mapping[str, Any], *, entries_written: bool = False) 
             tokens = -write.change.movements[0].delta
             answer = consumption.receipt(write.user_id, write.offer_group, tokens, write.balance_after,
                                          write.expires_at)
-            idempotency.complete(keyed.record_key, keyed.request_hash, 200, answer)
+            if not idempotency.complete(keyed.record_key, keyed.request_hash, 200, answer):
+                # Its record expired and was claimed again by another body (or is gone): nothing to keep.
+                logger.warning("a keyed consume's record was not there to complete",
+                               extra={"user_id": write.user_id, "offer_group": write.offer_group})
+                count("KeyRecordsMissing")
             # Its marker may go only once the record is completed (see store.consumption).
             marker = (write.user_id, write.offer_group, keyed.record_key)
         low = _low_balance(write)
