@@ -194,3 +194,24 @@ def test_a_duplicate_never_debits_while_the_first_attempt_may_still_land(
     assert read_group(user, group).balance == 7
     balanced(user)
     assert len(consume_entries(user)) == 1
+
+
+def test_a_marker_never_answers_another_body_under_the_same_key(local_service: Any, ids: Any) -> None:
+    """A marker outliving its record (the stream more than a day late) must not replay its answer to a
+    new request with another body: markers are named after the key and the body."""
+    from user_credits.domain.changes import KeyedRequest
+    from user_credits.store import consumption as store
+    from user_credits.store.idempotency import request_hash, scoped_key
+
+    user, group = ids("u"), ids("g")
+    grant(local_service, user, group, 10)
+    record_key = scoped_key(user, store.CONSUME_ROUTE, "k")
+    first = KeyedRequest("k", record_key, request_hash({"offerGroup": group, "tokens": 3, "maxOverdraft": 0}))
+    other = KeyedRequest("k", record_key, request_hash({"offerGroup": group, "tokens": 4, "maxOverdraft": 0}))
+    assert store.marker_names(first) != store.marker_names(other)
+    with local_service.stream_late():
+        now = datetime.now(UTC)
+        assert isinstance(store.debit(user, group, 3, 0, now, first), store.Debit)
+        # The other body's debit is not taken for a replay of the first: it debits.
+        again = store.debit(user, group, 4, 0, now, other)
+        assert isinstance(again, store.Debit) and again.balance_after == 3

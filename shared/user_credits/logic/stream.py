@@ -14,7 +14,7 @@ from typing import Any
 
 from user_credits.config import load_settings
 from user_credits.domain.balances import crossed_below
-from user_credits.domain.changes import Event, GroupWrite, stamped
+from user_credits.domain.changes import Event, GroupWrite, KeyedRequest, stamped
 from user_credits.domain.clock import to_iso
 from user_credits.domain.ledger import LedgerEntry
 from user_credits.events.publisher import send
@@ -31,7 +31,7 @@ class StreamBatch:
     markers of the keyed consumes applied are removed, one UpdateItem per balance item."""
 
     prewritten: set[str] = field(default_factory=set)
-    markers: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    markers: dict[tuple[str, str], list[KeyedRequest]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, records: Sequence[Mapping[str, Any]]) -> StreamBatch:
@@ -62,18 +62,20 @@ class StreamBatch:
     def apply(self, dynamodb: Mapping[str, Any]) -> None:
         marker = apply_record(dynamodb, entries_written=str(dynamodb.get("SequenceNumber")) in self.prewritten)
         if marker is not None:
-            user_id, offer_group, record_key = marker
-            self.markers.setdefault((user_id, offer_group), []).append(record_key)
+            user_id, offer_group, keyed = marker
+            self.markers.setdefault((user_id, offer_group), []).append(keyed)
 
     def finish(self) -> None:
         """Remove the markers of the keyed consumes applied: their records are completed."""
-        for (user_id, offer_group), record_keys in self.markers.items():
-            consumption.remove_markers(user_id, offer_group, record_keys)
+        for (user_id, offer_group), keys in self.markers.items():
+            consumption.remove_markers(user_id, offer_group, keys)
 
 
-def apply_record(dynamodb: Mapping[str, Any], *, entries_written: bool = False) -> tuple[str, str, str] | None:
+def apply_record(
+    dynamodb: Mapping[str, Any], *, entries_written: bool = False,
+) -> tuple[str, str, KeyedRequest] | None:
     """Apply one stream record (its `dynamodb` part); records without a change are skipped. Returns the
-    (user, group, record key) whose marker may go, for a keyed consume whose record is now completed."""
+    (user, group, key) whose marker may go, for a keyed consume whose record is now completed."""
     write = read_record(dynamodb)
     if write is None:
         return None
@@ -95,7 +97,7 @@ def apply_record(dynamodb: Mapping[str, Any], *, entries_written: bool = False) 
                                extra={"user_id": write.user_id, "offer_group": write.offer_group})
                 count("KeyRecordsMissing")
             # Its marker may go only once the record is completed (see store.consumption).
-            marker = (write.user_id, write.offer_group, keyed.record_key)
+            marker = (write.user_id, write.offer_group, keyed)
         low = _low_balance(write)
         if low is not None:
             events.append(low)

@@ -155,9 +155,10 @@ def _conflict(error: ClientError) -> bool:
     return "TransactionConflict" in codes and "ConditionalCheckFailed" not in codes
 
 
-def marker_names(record_key: str) -> tuple[str, str]:
-    """The two attributes that say a keyed consume's debit happened, and hold its answer."""
-    digest = hashlib.sha256(record_key.encode()).hexdigest()[:24]
+def marker_names(keyed: KeyedRequest) -> tuple[str, str]:
+    """The two attributes that say a keyed consume's debit happened, and hold its answer. Named after the
+    key and the body: a marker that outlived its record never answers a new request with another body."""
+    digest = hashlib.sha256(f"{keyed.record_key}#{keyed.request_hash}".encode()).hexdigest()[:24]
     return MARKER_BALANCE + digest, MARKER_EXPIRY + digest
 
 
@@ -185,7 +186,7 @@ def _debit_update(
     funds = "#b >= :floor OR attribute_not_exists(#b)" if floor <= 0 else "#b >= :floor"
     condition = f"(attribute_not_exists(#n) OR #n > :now) AND ({funds})"
     if keyed is not None:
-        balance_marker, expiry_marker = marker_names(keyed.record_key)
+        balance_marker, expiry_marker = marker_names(keyed)
         names.update({"#e": "expiresAt", "#mb": balance_marker, "#me": expiry_marker})
         values[":nul"] = {"NULL": True}
         # Right-hand sides read the OLD item: the marker holds exactly this debit's balance after.
@@ -214,7 +215,7 @@ def _replayed(
     user_id: str, offer_group: str, tokens: int, keyed: KeyedRequest, old: Mapping[str, Any] | None,
 ) -> StoredResponse | None:
     """The answer of this key's debit when the item carries its marker (the debit already happened)."""
-    balance_marker, expiry_marker = marker_names(keyed.record_key)
+    balance_marker, expiry_marker = marker_names(keyed)
     if not old or balance_marker not in old:
         return None
     body = receipt(user_id, offer_group, tokens, int(old[balance_marker]["N"]), _expiry(old.get(expiry_marker)))
@@ -276,7 +277,7 @@ def debit(
         # has already completed the record (and removed the marker): then the record holds it.
         item = _client().get_item(TableName=BalanceRecord.Meta.table_name, Key=_key(user_id, offer_group),
                                   ConsistentRead=True)["Item"]
-        balance_marker, expiry_marker = marker_names(keyed.record_key)
+        balance_marker, expiry_marker = marker_names(keyed)
         if balance_marker not in item:
             raise KeyFinished(keyed.record_key)
         return {"balance": item[balance_marker], "expiresAt": item.get(expiry_marker, {"NULL": True})}
@@ -360,12 +361,12 @@ def release(keyed: KeyedRequest) -> None:
             raise
 
 
-def remove_markers(user_id: str, offer_group: str, record_keys: Sequence[str]) -> None:
+def remove_markers(user_id: str, offer_group: str, keys: Sequence[KeyedRequest]) -> None:
     """After the keys' records are completed, their markers have done their job (see the module's doc):
     one UpdateItem for all of one balance item's. Removing a marker that is gone changes nothing."""
     names: dict[str, str] = {}
-    for number, record_key in enumerate(dict.fromkeys(record_keys)):
-        balance_marker, expiry_marker = marker_names(record_key)
+    for number, keyed in enumerate(dict.fromkeys(keys)):
+        balance_marker, expiry_marker = marker_names(keyed)
         names[f"#b{number}"], names[f"#e{number}"] = balance_marker, expiry_marker
     if not names:
         return
