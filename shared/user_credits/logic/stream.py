@@ -20,34 +20,35 @@ from user_credits.domain.ledger import LedgerEntry
 from user_credits.events.publisher import send
 from user_credits.observability import count, logger
 from user_credits.store import consumption, idempotency, ledger
-from user_credits.store.stream import read_record
+from user_credits.store.stream import OrderWrite, read_record
 
 
 @dataclass
 class StreamBatch:
-    """One invocation's records. The ledger entries of all of them go first, in BatchWriteItem calls of
-    25 (one round trip per 25 entries instead of one per record: a hot user's records all come down
-    one shard); each record is then applied on its own (events, a keyed consume's record); last, the
-    markers of the keyed consumes applied are removed, one UpdateItem per balance item."""
+    """One invocation's records. Each is read once; the ledger entries of all of them go first, in
+    BatchWriteItem calls of 25 (one round trip per 25 entries instead of one per record: a hot user's
+    records all come down one shard); each record is then applied on its own (events, a keyed
+    consume's record); last, the markers of the keyed consumes applied are removed, one UpdateItem per
+    balance item."""
 
-    prewritten: set[str] = field(default_factory=set)
+    # Each record read without a fault, by SequenceNumber: its change and its ledger entries.
+    read: dict[str, tuple[GroupWrite | OrderWrite | None, list[LedgerEntry]]] = field(default_factory=dict)
+    # Whether those entries are written already (else each record writes its own).
+    prewritten: bool = False
     markers: dict[tuple[str, str], list[KeyedRequest]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, records: Sequence[Mapping[str, Any]]) -> StreamBatch:
         batch = cls()
-        entries: list[LedgerEntry] = []
-        sequences: list[str] = []
         for record in records:
             dynamodb = record.get("dynamodb") or {}
             try:
                 write = read_record(dynamodb)
-                found = write.entries() if isinstance(write, GroupWrite) else []
+                entries = write.entries() if isinstance(write, GroupWrite) else []
             except Exception:
-                continue  # this record fails on its own, below
-            if found:
-                entries.extend(found)
-                sequences.append(str(dynamodb.get("SequenceNumber")))
+                continue  # read again, and failed, on its own in `apply`
+            batch.read[str(dynamodb.get("SequenceNumber"))] = (write, entries)
+        entries = [entry for _, found in batch.read.values() for entry in found]
         try:
             ledger.write_entries(entries)
         except Exception:
@@ -56,11 +57,18 @@ class StreamBatch:
             return batch
         if entries:
             count("LedgerEntries", len(entries))
-        batch.prewritten.update(sequences)
+        batch.prewritten = True
         return batch
 
     def apply(self, dynamodb: Mapping[str, Any]) -> None:
-        marker = apply_record(dynamodb, entries_written=str(dynamodb.get("SequenceNumber")) in self.prewritten)
+        """Apply one record; one that fails raises (Powertools reports it, Lambda delivers it again)."""
+        found = self.read.get(str(dynamodb.get("SequenceNumber")))
+        if found is not None:
+            write, entries = found
+            marker = _apply(write, entries, entries_written=self.prewritten)
+        else:
+            write = read_record(dynamodb)
+            marker = _apply(write, write.entries() if isinstance(write, GroupWrite) else [], entries_written=False)
         if marker is not None:
             user_id, offer_group, keyed = marker
             self.markers.setdefault((user_id, offer_group), []).append(keyed)
@@ -71,18 +79,16 @@ class StreamBatch:
             consumption.remove_markers(user_id, offer_group, keys)
 
 
-def apply_record(
-    dynamodb: Mapping[str, Any], *, entries_written: bool = False,
+def _apply(
+    write: GroupWrite | OrderWrite | None, entries: list[LedgerEntry], *, entries_written: bool,
 ) -> tuple[str, str, KeyedRequest] | None:
-    """Apply one stream record (its `dynamodb` part); records without a change are skipped. Returns the
-    (user, group, key) whose marker may go, for a keyed consume whose record is now completed."""
-    write = read_record(dynamodb)
+    """Apply one record's change (None: the record carries none). Returns the (user, group, key) whose
+    marker may go, for a keyed consume whose record is now completed."""
     if write is None:
         return None
     events = list(write.change.events)
     marker = None
     if isinstance(write, GroupWrite):
-        entries = write.entries()
         if entries and not entries_written:
             ledger.write_entries(entries)
             count("LedgerEntries", len(entries))

@@ -139,6 +139,13 @@ def _key(user_id: str, offer_group: str) -> dict[str, Any]:
     return {"userId": {"S": user_id}, "sk": {"S": group_sk(offer_group)}}
 
 
+def _balance_item(user_id: str, offer_group: str) -> dict[str, Any] | None:
+    """The balance item as it is now (one consistent GetItem), markers included."""
+    item: dict[str, Any] | None = _client().get_item(
+        TableName=BalanceRecord.Meta.table_name, Key=_key(user_id, offer_group), ConsistentRead=True).get("Item")
+    return item
+
+
 def _error_code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
@@ -153,6 +160,15 @@ def _conflict(error: ClientError) -> bool:
         return True
     codes = {r.get("Code") for r in _reasons(error)}
     return "TransactionConflict" in codes and "ConditionalCheckFailed" not in codes
+
+
+def _still_unfinished(keyed: KeyedRequest) -> dict[str, Any]:
+    """The condition that the key's record is still an unfinished claim of this request's body."""
+    return {
+        "ConditionExpression": "#st = :open AND #h = :h",
+        "ExpressionAttributeNames": {"#st": "status", "#h": "requestHash"},
+        "ExpressionAttributeValues": {":open": {"S": "in_progress"}, ":h": {"S": keyed.request_hash}},
+    }
 
 
 def marker_names(keyed: KeyedRequest) -> tuple[str, str]:
@@ -252,9 +268,7 @@ def debit(
         assert keyed is not None
         check = {"ConditionCheck": {
             "TableName": IdempotencyRecord.Meta.table_name, "Key": {"key": {"S": keyed.record_key}},
-            "ConditionExpression": "#st = :open AND #h = :h",
-            "ExpressionAttributeNames": {"#st": "status", "#h": "requestHash"},
-            "ExpressionAttributeValues": {":open": {"S": "in_progress"}, ":h": {"S": keyed.request_hash}},
+            **_still_unfinished(keyed),
         }}
         try:
             _single_attempt_client().transact_write_items(TransactItems=[
@@ -275,8 +289,7 @@ def debit(
             raise
         # The transaction returns nothing: the marker it set holds this debit's answer, unless the stream
         # has already completed the record (and removed the marker): then the record holds it.
-        item = _client().get_item(TableName=BalanceRecord.Meta.table_name, Key=_key(user_id, offer_group),
-                                  ConsistentRead=True)["Item"]
+        item = _balance_item(user_id, offer_group) or {}
         balance_marker, expiry_marker = marker_names(keyed)
         if balance_marker not in item:
             raise KeyFinished(keyed.record_key)
@@ -341,9 +354,7 @@ def claim(keyed: KeyedRequest, now: datetime) -> Claim:
 
 def marked(user_id: str, offer_group: str, tokens: int, keyed: KeyedRequest) -> StoredResponse | None:
     """The answer of this key's debit if the balance item carries its marker (one consistent GetItem)."""
-    item = _client().get_item(TableName=BalanceRecord.Meta.table_name, Key=_key(user_id, offer_group),
-                              ConsistentRead=True).get("Item")
-    return _replayed(user_id, offer_group, tokens, keyed, item)
+    return _replayed(user_id, offer_group, tokens, keyed, _balance_item(user_id, offer_group))
 
 
 def release(keyed: KeyedRequest) -> None:
@@ -352,9 +363,7 @@ def release(keyed: KeyedRequest) -> None:
     try:
         _client().delete_item(
             TableName=IdempotencyRecord.Meta.table_name, Key={"key": {"S": keyed.record_key}},
-            ConditionExpression="#st = :open AND #h = :h",
-            ExpressionAttributeNames={"#st": "status", "#h": "requestHash"},
-            ExpressionAttributeValues={":open": {"S": "in_progress"}, ":h": {"S": keyed.request_hash}},
+            **_still_unfinished(keyed),
         )
     except ClientError as error:
         if _error_code(error) != "ConditionalCheckFailedException":
