@@ -104,7 +104,7 @@ def seed(users: int, due: int, start: datetime) -> list[str]:
     the others 10 to 375 days later (never inside the warning window)."""
     from user_credits.domain.ledger import LedgerEntry
     from user_credits.domain.lots import Book, NewLot
-    from user_credits.store.balances import due_shard, due_sort
+    from user_credits.store.due import due_shard, due_sort
     from user_credits.store.ledger import ledger_record
     from user_credits.store.models import BalanceRecord, BookRecord, LedgerRecord, book_sk, group_sk
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import pytest
 from botocore.credentials import Credentials
 from test_dev_server import DevServer
 from user_credits_client import (
+    ClosedHold,
     CreditsClient,
+    HoldClosed,
+    HoldNotFound,
     IdempotencyKeyReused,
     InsufficientCredits,
     NotFound,
@@ -64,6 +68,31 @@ def test_a_repeated_idempotency_key_replays_and_another_body_is_refused(server: 
     with pytest.raises(IdempotencyKeyReused):
         client.consume(user, group, 5, idempotency_key="job-1")
     assert client.credits(user).balance(group) == 6
+
+
+def test_a_hold_settles_at_the_real_cost_and_a_closed_hold_is_a_named_error(server: DevServer, ids: Any) -> None:
+    client = CreditsClient(server.url, credentials=KEYS)
+    user, group = ids("u"), ids("g")
+    client.grant(user, group, 1000)
+    held = client.hold(user, group, 500, ttl_seconds=600, idempotency_key="model-call-1")
+    assert (held.user_id, held.offer_group, held.tokens, held.balance) == (user, group, 500, 500)
+    expires = datetime.fromisoformat(held.expires_at.replace("Z", "+00:00"))
+    assert timedelta(seconds=590) < expires - datetime.now(UTC) <= timedelta(seconds=600)
+    assert client.hold(user, group, 500, ttl_seconds=600, idempotency_key="model-call-1") == held
+    settled = client.settle(user, held.hold_id, 320)
+    assert settled == ClosedHold(held.hold_id, 320, 180, 680, "settled")
+    assert client.settle(user, held.hold_id, 320) == settled
+    with pytest.raises(HoldClosed) as closed:
+        client.release(user, held.hold_id)
+    assert (closed.value.status, closed.value.code) == (409, "hold_closed")
+    short = client.hold(user, group, 100)
+    with pytest.raises(InsufficientCredits):
+        client.settle(user, short.hold_id, 10**6)
+    assert client.release(user, short.hold_id) == ClosedHold(short.hold_id, 0, 100, 680, "released")
+    with pytest.raises(HoldNotFound) as missing:
+        client.settle(user, ids("no-such-hold"), 1)
+    assert isinstance(missing.value, NotFound) and missing.value.code == "hold_not_found"
+    assert client.credits(user).balance(group) == 680
 
 
 def test_the_ledger_iterates_every_page_newest_first(server: DevServer, ids: Any) -> None:

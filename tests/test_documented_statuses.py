@@ -28,6 +28,9 @@ OPERATIONS = [(method.upper(), path, int(status))
               for method, operation in operations.items()
               for status in operation["responses"]]
 USER_ROUTES = {"/offers", "/orders", "/orders/{orderId}", "/credits", "/credits/ledger"}
+HOLDS = "/users/{userId}/holds"
+SETTLE = "/users/{userId}/holds/{holdId}/settle"
+RELEASE = "/users/{userId}/holds/{holdId}/release"
 
 
 @dataclass
@@ -43,7 +46,8 @@ class Case:
         self.group = self.ids("g")
 
     def path(self, **params: str) -> str:
-        values = {"userId": self.user, "offerId": self.ids("offer"), "orderId": self.ids("order"), **params}
+        values = {"userId": self.user, "offerId": self.ids("offer"), "orderId": self.ids("order"),
+                  "holdId": self.ids("hold"), **params}
         return self.route.format(**values)
 
     def call(self, body: Any = None, *, path: str | None = None, auth: bool = True, **kwargs: Any) -> Reply:
@@ -59,10 +63,23 @@ class Case:
         return {
             "/orders": {"offerId": offer_id},
             "/users/{userId}/consume": {"offerGroup": self.group, "tokens": 1},
+            HOLDS: {"offerGroup": self.group, "tokens": 1},
+            SETTLE: {"tokens": 1},
+            RELEASE: {},
             "/admin/users/{userId}/grants": {"offerGroup": self.group, "tokens": 5},
             "/admin/offers/{offerId}": {"offerGroup": self.group, "tokens": 1, "cycle": "once",
                                         "prices": {"usd": 1}},
         }.get(self.route, {})
+
+    def hold(self) -> str:
+        """The id of a new hold of the case's user on its group (granted 5 tokens first)."""
+        self.shop.service.call("POST", f"/admin/users/{self.user}/grants",
+                               {"offerGroup": self.group, "tokens": 5}, iam=True)
+        placed = self.shop.service.call("POST", f"/users/{self.user}/holds",
+                                        {"offerGroup": self.group, "tokens": 1}, iam=True)
+        assert placed.status == 201, (placed.status, placed.body)
+        hold_id: str = placed.body["holdId"]
+        return hold_id
 
     def failing_dynamodb(self, code: str) -> None:
         """Every DynamoDB call from now on fails with `code` (a throttle, or one nothing retries)."""
@@ -79,9 +96,11 @@ def _success(case: Case) -> Reply:
     if case.route == "/orders/{orderId}":
         order = case.shop.placed(case.user, case.shop.offer()[0])
         return case.call(path=f"/orders/{order['orderId']}")
-    if case.route == "/users/{userId}/consume":
+    if case.route in ("/users/{userId}/consume", HOLDS):
         case.shop.service.call("POST", f"/admin/users/{case.user}/grants",
                                {"offerGroup": case.group, "tokens": 5}, iam=True)
+    if case.route in (SETTLE, RELEASE):
+        return case.call(body, path=case.path(holdId=case.hold()))
     if case.method == "PUT" and case.route == "/admin/offers/{offerId}":
         path = case.path()
         first = case.call(body, path=path)
@@ -126,18 +145,38 @@ def _no_user(case: Case) -> Reply:
 
 def _short(case: Case) -> Reply:
     body = case.valid_body()
-    return case.call({**body, "tokens": 10**6} if case.route.endswith("consume") else {**body, "tokens": -10**6})
+    if case.route == SETTLE:
+        # Above the hold, the excess is consumed by the consumption rule: refused, the hold stays open.
+        return case.call({"tokens": 10**6}, path=case.path(holdId=case.hold()))
+    if case.route.endswith(("consume", "holds")):
+        return case.call({**body, "tokens": 10**6})
+    return case.call({**body, "tokens": -10**6})
 
 
 def _missing(case: Case) -> Reply:
     if case.route == "/orders":
         return case.call({"offerId": case.ids("no-such-offer")})
+    if case.route in (SETTLE, RELEASE):
+        return case.call(case.valid_body())  # a hold id that was never answered
     return case.call()
+
+
+def _conflict(case: Case) -> Reply:
+    return _closed(case) if case.route in (SETTLE, RELEASE) else _inactive(case)
 
 
 def _inactive(case: Case) -> Reply:
     offer_id, _ = case.shop.offer(active=False)
     return case.call({"offerId": offer_id})
+
+
+def _closed(case: Case) -> Reply:
+    """A settle after a release, or a release after a settle: 409 hold_closed."""
+    hold_id = case.hold()
+    other, body = (RELEASE, {}) if case.route == SETTLE else (SETTLE, {"tokens": 1})
+    closing = case.shop.service.call("POST", other.format(userId=case.user, holdId=hold_id), body, iam=True)
+    assert closing.status == 200, (closing.status, closing.body)
+    return case.call(case.valid_body(), path=case.path(holdId=hold_id))
 
 
 def _stripe_down(case: Case) -> Reply:
@@ -153,14 +192,16 @@ def _dynamodb(code: str) -> Callable[[Case], Reply]:
             order = case.shop.placed(case.user, body["offerId"] if body else case.shop.offer()[0])
             case.failing_dynamodb(code)
             return case.shop.pay(order)
+        # A hold id says which group it is in, so only a real one reaches DynamoDB.
+        path = case.path(holdId=case.hold()) if case.route in (SETTLE, RELEASE) else None
         case.failing_dynamodb(code)
-        return case.call(body if case.method != "GET" else None)
+        return case.call(body if case.method != "GET" else None, path=path)
     return provoke
 
 
 PROVOKERS: dict[int, Callable[[Case], Reply]] = {
     200: _success, 201: _success, 400: _bad_json, 401: _no_user, 402: _short, 403: _no_user, 404: _missing,
-    409: _inactive, 413: _too_large, 415: _not_json, 422: _invalid, 500: _dynamodb("ValidationException"),
+    409: _conflict, 413: _too_large, 415: _not_json, 422: _invalid, 500: _dynamodb("ValidationException"),
     502: _stripe_down, 503: _dynamodb("ProvisionedThroughputExceededException"),
 }
 

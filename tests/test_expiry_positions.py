@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from user_credits.domain.clock import to_iso
 from user_credits.logic.expiry import MIN_SAFETY_MS, SAFETY_MS, Deadline
-from user_credits.store.balances import DUE_SHARDS, due_shard, due_shards, due_sort
+from user_credits.store.due import DUE_SHARDS, due_shard, due_shards, due_sort
 from user_credits.store.expiry import LOWEST, DueEntry, position_before, position_through
 
 

@@ -165,6 +165,56 @@ def _grant(shop: Shop, user: str, body: dict[str, Any], key: str | None = None) 
     return shop.service.call("POST", f"/admin/users/{user}/grants", body, iam=True, headers=headers)
 
 
+def _hold(shop: Shop, user: str, group: str, tokens: int, key: str | None = None, **extra: Any) -> Any:
+    headers = {"Idempotency-Key": key} if key else None
+    return shop.service.call("POST", f"/users/{user}/holds", {"offerGroup": group, "tokens": tokens, **extra},
+                             iam=True, headers=headers)
+
+
+def _settle(shop: Shop, user: str, hold_id: str, tokens: int, **extra: Any) -> Any:
+    return shop.service.call("POST", f"/users/{user}/holds/{hold_id}/settle", {"tokens": tokens, **extra}, iam=True)
+
+
+def _release(shop: Shop, user: str, hold_id: str) -> Any:
+    return shop.service.call("POST", f"/users/{user}/holds/{hold_id}/release", iam=True)
+
+
+def run_holds(shop: Shop, ids: Any, user: str, group: str) -> None:
+    """The hold routes down each of their ways (the group has tokens to hold)."""
+    # Holds: unkeyed, keyed and its replay, a refusal, a keyed refusal (which gives its claim back).
+    below, above, refused = (_hold(shop, user, group, 5).body["holdId"] for _ in range(3))
+    keyed = _hold(shop, user, group, 5, key="hold-key")
+    assert keyed.status == 201
+    assert _hold(shop, user, group, 5, key="hold-key").body == keyed.body
+    assert _hold(shop, user, group, 10**9).status == 402
+    assert _hold(shop, user, group, 10**9, key="refused-hold-key").status == 402
+    # Retries that find their key unfinished, as for consume: one whose first attempt held, one whose
+    # first attempt died after claiming its key.
+    with shop.service.stream_late():
+        assert _hold(shop, user, group, 1, key="late-hold-key").status == 201
+        assert _hold(shop, user, group, 1, key="late-hold-key").status == 201
+        KILLER.armed = True
+        with contextlib.suppress(Killed):
+            assert _hold(shop, user, group, 1, key="died-hold-key").status == 500
+        assert _hold(shop, user, group, 1, key="died-hold-key").status == 503  # too soon: it may still land
+        with time_machine.travel(datetime.now(UTC) + timedelta(minutes=2), tick=True):
+            assert _hold(shop, user, group, 1, key="died-hold-key").status == 201
+    # Settles: below the hold and its repeat, above it (the excess consumed), refused (the hold stays
+    # open, then is released), and on a closed hold.
+    assert _settle(shop, user, below, 3).status == 200
+    assert _settle(shop, user, below, 3).status == 200
+    assert _settle(shop, user, below, 4).status == 409
+    assert _settle(shop, user, above, 8).status == 200
+    assert _settle(shop, user, refused, 10**9).status == 402
+    # Releases: the one left open and its repeat, one after a settle, an unknown hold.
+    assert _release(shop, user, refused).status == 200
+    assert _release(shop, user, refused).status == 200
+    assert _release(shop, user, keyed.body["holdId"]).status == 200
+    assert _release(shop, user, below).status == 409
+    assert _settle(shop, user, ids("no-hold"), 1).status == 404
+    assert _release(shop, user, ids("no-hold")).status == 404
+
+
 def run_every_path(shop: Shop, ids: Any) -> None:
     """Each function down each of its ways to DynamoDB (the statuses only check the path was taken)."""
     call = shop.service.call
@@ -216,6 +266,16 @@ def run_every_path(shop: Shop, ids: Any) -> None:
             assert _consume(shop, user, group, 3, key="died-key").status == 200
     # A keyed refusal gives its claim back.
     assert _consume(shop, user, group, 10**9, key="refused-key").status == 402
+    run_holds(shop, ids, user, group)
+    # Holds that expire: one released as its group is next touched, one the sweep releases.
+    touched = _hold(shop, user, group, 2, ttlSeconds=60).body["holdId"]
+    held = ids("held")
+    _grant(shop, user, {"offerGroup": held, "tokens": 10})
+    assert _hold(shop, user, held, 4, ttlSeconds=60).status == 201
+    # Holds whose lot expires while they are open: closing them rewrites the group.
+    fading = ids("fading")
+    _grant(shop, user, {"offerGroup": fading, "tokens": 6, "expiresAt": (now + timedelta(hours=1)).isoformat()})
+    faded = [_hold(shop, user, fading, 3, ttlSeconds=86400).body["holdId"] for _ in range(2)]
     # Grants: keyed and its replay, negative, and one that expires soon (for the sweep).
     assert _grant(shop, user, {"offerGroup": group, "tokens": 10}, key="grant-key").status == 201
     assert _grant(shop, user, {"offerGroup": group, "tokens": 10}, key="grant-key").status == 201
@@ -239,6 +299,10 @@ def run_every_path(shop: Shop, ids: Any) -> None:
     with time_machine.travel(now + timedelta(hours=2), tick=True):
         assert _consume(shop, user, due, 1).status == 402
         assert _consume(shop, user, due, 1, maxOverdraft=5).status == 200
+        assert _consume(shop, user, group, 1).status == 200
+        assert _settle(shop, user, touched, 2).status == 409  # released when it expired
+        assert _release(shop, user, faded[0]).status == 200
+        assert _settle(shop, user, faded[1], 1, maxOverdraft=5).status == 200
     with time_machine.travel(now + timedelta(days=2), tick=True):
         assert shop.service.invoke_schedule()["expired"] >= 1
 

@@ -28,7 +28,8 @@ from user_credits.domain.lots import Book, NewLot
 from user_credits.logic import expiry as expiry_logic
 from user_credits.logic.invariants import check_user
 from user_credits.store import consumption as consumption_store
-from user_credits.store.balances import GroupState, due_shard, due_sort, read_group
+from user_credits.store.balances import GroupState, read_group
+from user_credits.store.due import due_shard, due_sort
 from user_credits.store.expiry import index_entries, position_through
 from user_credits.store.ledger import ledger_record
 from user_credits.store.models import (

@@ -11,8 +11,12 @@
 Service routes (`/admin/*`, `/users/*`) are signed with AWS SigV4 for `execute-api` through botocore's
 signer, with credentials from botocore's default chain (environment, profile, role): no keys in code.
 User routes send the user's JWT (`user_token=`). Every mutating call carries an `Idempotency-Key` (yours,
-or a fresh one), kept across the client's own retries, so a retry never applies a call twice; a 503
-is retried after its `Retry-After`. The service's errors arrive as exceptions named after their code.
+or a fresh one), kept across the client's own retries, so a retry never applies a call twice; a hold's
+settle and release need none, since the same call again answers its first outcome. A 503 is retried
+after its `Retry-After`. The service's errors arrive as exceptions named after their code.
+
+    hold = credits.hold("alice", "ai-tokens", 500)      # before the model call
+    credits.settle("alice", hold.hold_id, 320)           # after it: 180 go back
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from botocore.credentials import Credentials
 from botocore.session import Session
 
 __all__ = [
-    "Consumed", "CreditsClient", "CreditsError", "CreditsExpired", "Forbidden", "Granted", "IdempotencyKeyReused",
-    "InsufficientCredits", "LedgerEntry", "NotFound", "OfferLocked", "ServiceUnavailable", "Unauthorized",
-    "ValidationError",
+    "ClosedHold", "Consumed", "CreditsClient", "CreditsError", "CreditsExpired", "Forbidden", "Granted", "Held",
+    "HoldClosed", "HoldNotFound", "IdempotencyKeyReused", "InsufficientCredits", "LedgerEntry", "NotFound",
+    "OfferLocked", "ServiceUnavailable", "Unauthorized", "ValidationError",
 ]
 
 
@@ -76,8 +80,16 @@ class NotFound(CreditsError):
     """404: no such offer, order or route (another user's order looks the same)."""
 
 
+class HoldNotFound(NotFound):
+    """404 hold_not_found: no such hold of this user (or it closed more than 24 hours ago)."""
+
+
 class OfferLocked(CreditsError):
     """409: the offer is locked for this user, or inactive."""
+
+
+class HoldClosed(CreditsError):
+    """409 hold_closed: the hold was already settled or released by another call."""
 
 
 class IdempotencyKeyReused(CreditsError):
@@ -91,6 +103,7 @@ class ServiceUnavailable(CreditsError):
 _BY_CODE: dict[str, type[CreditsError]] = {
     "insufficient_credits": InsufficientCredits, "credits_expired": CreditsExpired,
     "idempotency_key_reused": IdempotencyKeyReused, "offer_locked": OfferLocked, "offer_inactive": OfferLocked,
+    "hold_not_found": HoldNotFound, "hold_closed": HoldClosed,
 }
 _BY_STATUS: dict[int, type[CreditsError]] = {
     400: ValidationError, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: OfferLocked, 413: ValidationError,
@@ -124,6 +137,32 @@ class Granted:
     balance: int
     expires_at: str | None
     lot_id: str | None
+
+
+@dataclass(frozen=True)
+class Held:
+    hold_id: str
+    user_id: str
+    offer_group: str
+    tokens: int
+    balance: int
+    # When the hold is released by itself unless settled (not the group's expiry).
+    expires_at: str
+
+
+@dataclass(frozen=True)
+class ClosedHold:
+    """What a settle or release ended with: `settled` tokens spent, `released` given back."""
+
+    hold_id: str
+    settled: int
+    released: int
+    balance: int
+    status: str  # "settled" or "released"
+
+
+def _closure(got: Mapping[str, Any]) -> ClosedHold:
+    return ClosedHold(got["holdId"], got["settled"], got["released"], got["balance"], got["status"])
 
 
 @dataclass(frozen=True)
@@ -170,6 +209,7 @@ class LedgerEntry:
     idempotency_key: str | None = None
     shortfall: int | None = None
     note: str | None = None
+    hold_id: str | None = None
 
 
 def _credits(body: Mapping[str, Any]) -> Credits:
@@ -185,7 +225,7 @@ def _credits(body: Mapping[str, Any]) -> Credits:
 def _entry(item: Mapping[str, Any]) -> LedgerEntry:
     return LedgerEntry(item["offerGroup"], item["delta"], item["balanceAfter"], item["reason"], item["seq"],
                        item["at"], item.get("lotId"), item.get("orderId"), item.get("idempotencyKey"),
-                       item.get("shortfall"), item.get("note"))
+                       item.get("shortfall"), item.get("note"), item.get("holdId"))
 
 
 # ---------------------------------------------------------------- the client
@@ -219,6 +259,25 @@ class CreditsClient:
         body.update({k: v for k, v in optional.items() if v is not None})
         got = self._call("POST", f"/admin/users/{_q(user_id)}/grants", body, key=idempotency_key or _new_key())
         return Granted(got["userId"], got["offerGroup"], got["balance"], got["expiresAt"], got["lotId"])
+
+    def hold(self, user_id: str, offer_group: str, tokens: int, *, max_overdraft: int = 0,
+             ttl_seconds: int | None = None, idempotency_key: str | None = None) -> Held:
+        """Reserve `tokens` now (refused like a consume); settle or release the hold before `expires_at`."""
+        body: dict[str, Any] = {"offerGroup": offer_group, "tokens": tokens, "maxOverdraft": max_overdraft}
+        if ttl_seconds is not None:
+            body["ttlSeconds"] = ttl_seconds
+        got = self._call("POST", f"/users/{_q(user_id)}/holds", body, key=idempotency_key or _new_key())
+        return Held(got["holdId"], got["userId"], got["offerGroup"], got["tokens"], got["balance"], got["expiresAt"])
+
+    def settle(self, user_id: str, hold_id: str, tokens: int, *, max_overdraft: int = 0) -> ClosedHold:
+        """Close the hold at the real cost `tokens`: the rest goes back; an excess is consumed (402 keeps the
+        hold open)."""
+        body = {"tokens": tokens, "maxOverdraft": max_overdraft}
+        return _closure(self._call("POST", f"/users/{_q(user_id)}/holds/{_q(hold_id)}/settle", body))
+
+    def release(self, user_id: str, hold_id: str) -> ClosedHold:
+        """Give every held token back (the work did not happen)."""
+        return _closure(self._call("POST", f"/users/{_q(user_id)}/holds/{_q(hold_id)}/release"))
 
     def credits(self, user_id: str | None = None) -> Credits:
         """A user's credits: the service route with `user_id`, else the token's user."""
@@ -280,8 +339,9 @@ class CreditsClient:
             try:
                 status, payload, retry_after = self._send(method, url, data, request_headers)
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                # Nothing is known to have happened; reads and PUT are safe to repeat, and every POST
-                # carries its Idempotency-Key, the same on every try.
+                # Nothing is known to have happened; reads and PUT are safe to repeat, every other POST
+                # carries its Idempotency-Key, the same on every try, and a hold's settle or release
+                # repeated answers its first outcome.
                 if attempt == self.attempts - 1:
                     raise
                 time.sleep(min(2.0, 0.2 * 2**attempt))

@@ -209,6 +209,30 @@ def cmd_grant(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hold(args: argparse.Namespace) -> int:
+    host = prepare(resolve_target(args))
+    body: dict[str, Any] = {"offerGroup": args.group, "tokens": args.tokens, "maxOverdraft": args.max_overdraft}
+    if args.ttl is not None:
+        body["ttlSeconds"] = args.ttl
+    key = args.idempotency_key or f"cli-{uuid.uuid4()}"
+    _print(call_route(host, "POST", f"/users/{args.user}/holds", body, idempotency_key=key))
+    return 0
+
+
+def cmd_settle(args: argparse.Namespace) -> int:
+    host = prepare(resolve_target(args))
+    body = {"tokens": args.tokens, "maxOverdraft": args.max_overdraft}
+    path = f"/users/{args.user}/holds/{args.hold}/settle"
+    _print(call_route(host, "POST", path, body))
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    host = prepare(resolve_target(args))
+    _print(call_route(host, "POST", f"/users/{args.user}/holds/{args.hold}/release"))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     host = prepare(resolve_target(args))
     scheduled = host.scheduled()
@@ -375,6 +399,29 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--reason")
     grant.add_argument("--idempotency-key", help="default: a fresh one per call")
     grant.set_defaults(func=cmd_grant)
+
+    hold = sub.add_parser("hold", parents=[where], help="reserve tokens before the work (settle or release after)")
+    hold.add_argument("user")
+    hold.add_argument("group")
+    hold.add_argument("tokens", type=int)
+    hold.add_argument("--ttl", type=int, metavar="SECONDS",
+                      help="released by itself after this long unless settled (default 900, at most 86400)")
+    hold.add_argument("--max-overdraft", type=int, default=0, metavar="N")
+    hold.add_argument("--key", "--idempotency-key", dest="idempotency_key", help="default: a fresh one per call")
+    hold.set_defaults(func=cmd_hold)
+
+    settle = sub.add_parser("settle", parents=[where],
+                            help="settle a hold at the real cost: the rest goes back, an excess is consumed")
+    settle.add_argument("user")
+    settle.add_argument("hold", help="the holdId that `hold` printed")
+    settle.add_argument("tokens", type=int)
+    settle.add_argument("--max-overdraft", type=int, default=0, metavar="N", help="for an excess over the hold")
+    settle.set_defaults(func=cmd_settle)
+
+    release = sub.add_parser("release", parents=[where], help="give a hold's tokens back")
+    release.add_argument("user")
+    release.add_argument("hold", help="the holdId that `hold` printed")
+    release.set_defaults(func=cmd_release)
 
     sweep = sub.add_parser("sweep", parents=[where], help="run the expiry sweep now")
     sweep.set_defaults(func=cmd_sweep)

@@ -108,6 +108,18 @@ class IdempotencyKeyReused(CreditsError):
     code = "idempotency_key_reused"
 
 
+class HoldNotFound(CreditsError):
+    http_status = 404
+    code = "hold_not_found"
+
+
+class HoldClosed(CreditsError):
+    """The hold was settled or released by another call (a repeat of that same call replays it)."""
+
+    http_status = 409
+    code = "hold_closed"
+
+
 class InvalidSignature(CreditsError):
     http_status = 400
     code = "invalid_signature"

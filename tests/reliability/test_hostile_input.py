@@ -53,8 +53,9 @@ content_types = st.sampled_from(["application/json", "text/plain", "application/
 def _path(route: str, value: str) -> str:
     from urllib.parse import quote
 
-    return route.replace("{offerId}", quote(value, safe="")).replace("{userId}", quote(value, safe="")).replace(
-        "{orderId}", quote(value, safe=""))
+    for name in ("{offerId}", "{userId}", "{orderId}", "{holdId}"):
+        route = route.replace(name, quote(value, safe=""))
+    return route
 
 
 def _total_items(service: Any) -> int:

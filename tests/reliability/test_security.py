@@ -143,8 +143,16 @@ def test_every_service_route_refuses_a_caller_with_only_a_jwt(
     shop = local_shop
     user = victim["user"]
     concrete = path.replace("{userId}", user).replace("{offerId}", victim["offer"])
+    if "{holdId}" in path:
+        # The victim's own open hold, so that only the caller decides the answer.
+        held = shop.service.call("POST", f"/users/{user}/holds", {"offerGroup": victim["group"], "tokens": 1},
+                                 iam=True)
+        assert held.status == 201, held.body
+        concrete = concrete.replace("{holdId}", held.body["holdId"])
     bodies = {
         "POST /users/{userId}/consume": {"offerGroup": victim["group"], "tokens": 1},
+        "POST /users/{userId}/holds": {"offerGroup": victim["group"], "tokens": 1},
+        "POST /users/{userId}/holds/{holdId}/settle": {"tokens": 1},
         "POST /admin/users/{userId}/grants": {"offerGroup": victim["group"], "tokens": 1000},
         "PUT /admin/offers/{offerId}": {"offerGroup": victim["group"], "tokens": 1, "cycle": "once",
                                         "prices": {"usd": 0}},

@@ -8,9 +8,10 @@ every answer it gets against `openapi.json` (tests/conftest.py), which keeps the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 DateTime = str  # ISO 8601 UTC, e.g. 2026-11-26T00:34:16Z (SPEC 3)
 
@@ -100,6 +101,28 @@ class Consumed(Described):
     expiresAt: DateTime | None
 
 
+class Held(Described):
+    """A hold placed: its tokens are taken from the group now, until it is settled or released."""
+
+    holdId: str = Field(description="Opaque: pass it back as it came to settle or release the hold.")
+    userId: str
+    offerGroup: str
+    tokens: int = Field(description="The tokens held.")
+    balance: int = Field(description="The group's balance after the hold.")
+    expiresAt: DateTime = Field(description="When the hold is released if it has not been settled (not the "
+                                            "group's expiry).")
+
+
+class Closed(Described):
+    """A hold settled or released: what it finally cost, and what went back to the group."""
+
+    holdId: str
+    settled: int = Field(description="The tokens the work cost (0 for a release).")
+    released: int = Field(description="The held tokens given back to the group.")
+    balance: int = Field(description="The group's balance after the settle or release.")
+    status: Literal["settled", "released"]
+
+
 class LotOut(Described):
     lotId: str
     offerGroup: str
@@ -183,15 +206,19 @@ WITH_BODY: Final = (400, 413, 415, 422)
 
 def answers(
     success: int | tuple[int, ...], model: type[BaseModel], description: str, *errors: int,
+    meaning: Mapping[int, str] | None = None,
 ) -> dict[int, Any]:
     """The `responses` of a route: its success status(es), and each error status it can give with the
-    error body."""
+    error body. `meaning` says what an error status means on this route where ERROR_STATUSES's
+    general text would mislead (a 404 of the hold routes is about holds, not offers)."""
     statuses = success if isinstance(success, tuple) else (success,)
+    if not set(meaning or {}) <= {*errors, *ALWAYS}:
+        raise ValueError(f"meaning of a status the route does not give: {sorted(meaning or {})}")
     documented: dict[int, Any] = {
         status: {"description": description, "content": {"application/json": {"model": model}}}
         for status in statuses
     }
     for code in sorted({*errors, *ALWAYS}):
-        documented[code] = {"description": ERROR_STATUSES[code],
+        documented[code] = {"description": (meaning or {}).get(code, ERROR_STATUSES[code]),
                             "content": {"application/json": {"model": ErrorBody}}}
     return documented

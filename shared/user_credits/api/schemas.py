@@ -7,8 +7,12 @@ from typing import Annotated, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from user_credits.domain.lots import DEFAULT_HOLD_TTL_SECONDS, MAX_HOLD_TTL_SECONDS
+
 ID_PATTERN: Final = r"^[A-Za-z0-9_\-.:@]{1,128}$"
 ID_RE: Final = re.compile(ID_PATTERN)
+# A hold id is opaque to callers: the id alphabet, with room for what the service builds it from.
+HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_\-.:@]{1,200}$"
 MAX_INT: Final = 10**15
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN, min_length=1, max_length=128)]
@@ -71,6 +75,24 @@ class ConsumeIn(StrictModel):
     offerGroup: Id
     tokens: Positive
     maxOverdraft: NonNegative = 0
+
+
+class HoldIn(StrictModel):
+    offerGroup: Id
+    tokens: Positive
+    maxOverdraft: NonNegative = 0
+    # SPEC 2.9: 15 minutes by default, at most 24 hours.
+    ttlSeconds: Annotated[int, Field(ge=1, le=MAX_HOLD_TTL_SECONDS)] = DEFAULT_HOLD_TTL_SECONDS
+
+
+class SettleIn(StrictModel):
+    # 0 is a cost too: work that cost nothing settles, and everything held goes back.
+    tokens: NonNegative
+    maxOverdraft: NonNegative = 0
+
+
+class ReleaseIn(StrictModel):
+    """A release names nothing: the body may be absent or `{}`, and any field in it is a typo (422)."""
 
 
 class GrantIn(StrictModel):

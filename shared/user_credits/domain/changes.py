@@ -47,6 +47,8 @@ class Change:
     movements: tuple[Movement, ...] = ()
     events: tuple[Event, ...] = ()
     keyed: KeyedRequest | None = None
+    # A hold placed by this write expires then (its keyed answer, and the sweep's index, need it).
+    hold_until: datetime | None = None
 
     def to_json(self) -> str:
         body: dict[str, Any] = {"id": self.change_id, "at": to_iso(self.at)}
@@ -56,6 +58,8 @@ class Change:
             body["events"] = [{"type": e.detail_type, "detail": dict(e.detail)} for e in self.events]
         if self.keyed is not None:
             body["keyed"] = {"key": self.keyed.key, "record": self.keyed.record_key, "hash": self.keyed.request_hash}
+        if self.hold_until is not None:
+            body["holdUntil"] = to_iso(self.hold_until)
         return json.dumps(body, separators=(",", ":"), default=str)
 
     @classmethod
@@ -67,11 +71,12 @@ class Change:
             movements=tuple(_movement(m) for m in body.get("movements", [])),
             events=tuple(Event(e["type"], e["detail"]) for e in body.get("events", [])),
             keyed=KeyedRequest(keyed["key"], keyed["record"], keyed["hash"]) if keyed else None,
+            hold_until=from_iso(body["holdUntil"]) if body.get("holdUntil") else None,
         )
 
 
 _MOVEMENT_FIELDS = {"lotId": "lot_id", "shortfall": "shortfall", "orderId": "order_id",
-                    "key": "idempotency_key", "note": "note"}
+                    "key": "idempotency_key", "note": "note", "holdId": "hold_id"}
 
 
 def _movement_json(movement: Movement) -> dict[str, Any]:
@@ -112,7 +117,7 @@ class GroupWrite:
                 user_id=self.user_id, offer_group=self.offer_group, delta=movement.delta, balance_after=balance,
                 reason=movement.reason, at=self.change.at, seq=seq, order_id=movement.order_id,
                 idempotency_key=movement.idempotency_key, shortfall=movement.shortfall, note=movement.note,
-                lot_id=movement.lot_id,
+                lot_id=movement.lot_id, hold_id=movement.hold_id,
             ))
         if (balance, seq) != (self.balance_after, self.seq_after):
             # A write whose movements do not explain it: a bug, never to be papered over in the ledger.

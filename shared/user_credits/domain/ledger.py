@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from user_credits.domain.clock import to_iso
 
-REASONS: Final = ("purchase", "consume", "expire", "refund", "grant")
+REASONS: Final = ("purchase", "renewal", "consume", "hold", "release", "expire", "refund", "grant")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class LedgerEntry:
     # SPEC 3 entry `note`: a grant's free-text `reason`.
     note: str | None = None
     lot_id: str | None = None
+    hold_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -40,6 +41,8 @@ class LedgerEntry:
             body["lotId"] = self.lot_id
         if self.order_id is not None:
             body["orderId"] = self.order_id
+        if self.hold_id is not None:
+            body["holdId"] = self.hold_id
         if self.idempotency_key is not None:
             body["idempotencyKey"] = self.idempotency_key
         if self.shortfall:

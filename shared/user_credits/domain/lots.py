@@ -10,18 +10,28 @@ and the caller expires it first).
 
 Expired lots leave the book at the rewrite that expires them; the book remembers only the latest
 expiry among them (`expired_until`), which is all the group's `expiresAt` needs.
+
+Holds (SPEC 2.9) take tokens from the front of the spending order like a consume, but their tokens
+may come back to the lots they came from, so the order of holds, returns and consumes matters. Each
+hold's opening and closing is written on the balance item with the item's `seq` and `balance` just
+before it (`HoldEvent`); between two such events only consumes ran, and they took from the front.
+`replay` applies them in order to the book of the last rewrite: the same lots as applying every
+write one by one. The next rewrite stores the result (`holds` of the book: what each open hold took).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from user_credits.domain.clock import from_iso, to_iso
 
 DEFAULT_PRIORITY: Final = 50
+# SPEC 2.9: a hold lives 15 minutes unless asked otherwise, at most a day.
+DEFAULT_HOLD_TTL_SECONDS: Final = 15 * 60
+MAX_HOLD_TTL_SECONDS: Final = 24 * 60 * 60
 SOURCES: Final = ("order", "subscription", "grant")
 
 
@@ -91,6 +101,58 @@ class Movement:
     order_id: str | None = None
     idempotency_key: str | None = None
     note: str | None = None
+    hold_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Held:
+    """An open hold as the book knows it: what it took from each lot (spending order at the time it
+    was placed) and what no lot covered (`uncovered`, a debt while it is held)."""
+
+    hold_id: str
+    tokens: int
+    expires_at: datetime
+    taken: tuple[tuple[str, int], ...] = ()
+    uncovered: int = 0
+
+    def to_record(self) -> dict[str, Any]:
+        return {"holdId": self.hold_id, "tokens": self.tokens, "expiresAt": to_iso(self.expires_at),
+                "taken": [[lot_id, n] for lot_id, n in self.taken], "uncovered": self.uncovered}
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Held:
+        return cls(hold_id=data["holdId"], tokens=int(data["tokens"]), expires_at=from_iso(data["expiresAt"]),
+                   taken=tuple((str(lot_id), int(n)) for lot_id, n in data.get("taken", [])),
+                   uncovered=int(data.get("uncovered", 0)))
+
+
+@dataclass(frozen=True)
+class HoldEvent:
+    """A hold opened (`tokens` held) or closed (`tokens` settled: kept), as written on the balance item:
+    `seq` and `balance` are the item's just before that write."""
+
+    hold_id: str
+    kind: str  # open | close
+    seq: int
+    balance: int
+    tokens: int
+    expires_at: datetime | None = None  # open only
+
+
+@dataclass(frozen=True)
+class Returned:
+    """What closing a hold gave back: per lot still in the book, per lot gone (those tokens expire),
+    and debt cancelled; `excess` is what a settle above the hold consumed on top."""
+
+    to_lots: tuple[tuple[str, int], ...] = ()
+    expired: tuple[tuple[str, int], ...] = ()
+    debt: int = 0
+    excess: int = 0
+
+    @property
+    def released(self) -> int:
+        """Tokens that went back to the balance (what the `release` entry says)."""
+        return sum(n for _, n in self.to_lots) + sum(n for _, n in self.expired) + self.debt
 
 
 @dataclass(frozen=True)
@@ -115,6 +177,8 @@ class Book:
     next_ordinal: int = 0
     # The latest expiresAt among lots that have left the book (expired), if any.
     expired_until: datetime | None = None
+    # Open holds and what each took (see `replay`).
+    holds: tuple[Held, ...] = ()
     warnings: tuple[Lot, ...] = field(default=(), compare=False)
 
     # -- what the book says
@@ -151,9 +215,25 @@ class Book:
 
     @property
     def next_expiry(self) -> datetime | None:
-        """The soonest expiry of a lot that still holds tokens: consumes are allowed only before it."""
-        dates = [lot.expires_at for lot in self.lots if lot.remaining > 0 and lot.expires_at is not None]
+        """The soonest expiry of a lot that holds tokens, or may get some back from an open hold:
+        consumes are allowed only before it."""
+        held = {lot_id for hold in self.holds for lot_id, _ in hold.taken}
+        dates = [lot.expires_at for lot in self.lots
+                 if (lot.remaining > 0 or lot.lot_id in held) and lot.expires_at is not None]
         return min(dates) if dates else None
+
+    def held(self, hold_id: str) -> Held | None:
+        return next((hold for hold in self.holds if hold.hold_id == hold_id), None)
+
+    def hold_lots_expiry(self, hold_id: str) -> datetime | None:
+        """The soonest expiry among the lots an open hold took from (None: none expires): a settle
+        or release is one plain write only before it (after it, some returned tokens expire)."""
+        hold = self.held(hold_id)
+        lots = {lot.lot_id: lot for lot in self.lots}
+        dates = [lots[lot_id].expires_at if lot_id in lots else datetime.min.replace(tzinfo=UTC)
+                 for lot_id, _ in (hold.taken if hold else ())]
+        found = [date for date in dates if date is not None]
+        return min(found) if found else None
 
     # -- how it changes (each returns a new book)
 
@@ -177,15 +257,74 @@ class Book:
         return replace(self, lots=kept, expired_until=until), movements
 
     def credit(self, new: NewLot, reason: str) -> tuple[Book, Movement]:
-        """Add a lot (always, even to a group at or below 0); a debt is paid from it first."""
+        """Add a lot (always, even to a group at or below 0); a debt is paid from it first.
+
+        A hold's uncovered part is debt too: the new lot covers it last (after the consumes' debt), and
+        the hold then counts those tokens as taken from the new lot, so releasing gives them back to it."""
         paid = min(self.debt, new.tokens)
+        holds_debt = sum(hold.uncovered for hold in self.holds)
+        to_holds = max(0, paid - (self.debt - holds_debt))
+        holds = []
+        for hold in self.holds:
+            part = min(hold.uncovered, to_holds)
+            to_holds -= part
+            holds.append(hold if not part else replace(
+                hold, taken=(*hold.taken, (new.lot_id, part)), uncovered=hold.uncovered - part))
         lot = Lot(
             lot_id=new.lot_id, offer_group=self.offer_group, source=new.source, granted=new.tokens,
             remaining=new.tokens - paid, starts_at=new.starts_at, expires_at=new.expires_at, priority=new.priority,
             ordinal=self.next_ordinal, order_id=new.order_id, subscription_id=new.subscription_id,
         )
-        book = replace(self, lots=(*self.lots, lot), debt=self.debt - paid, next_ordinal=self.next_ordinal + 1)
+        book = replace(self, lots=(*self.lots, lot), debt=self.debt - paid, next_ordinal=self.next_ordinal + 1,
+                       holds=tuple(holds))
         return book, Movement(new.tokens, reason, lot.lot_id)
+
+    def without_due_holds(self, now: datetime) -> Book:
+        """The book once its holds past their expiresAt are released (what the next rewrite does)."""
+        book = self
+        for held in self.holds:
+            if held.expires_at <= now:
+                book, _ = book.close(held.hold_id, 0)
+        return book
+
+    def hold(self, hold_id: str, tokens: int, expires_at: datetime) -> Book:
+        """Take `tokens` for a hold from the front of the spending order, like a consume; what no lot
+        covers is debt while held."""
+        order = sorted(self.lots, key=Lot.spending_key)
+        lots, left = self._taken(order, tokens)
+        after = {lot.lot_id: lot.remaining for lot in lots}
+        taken = tuple((lot.lot_id, lot.remaining - after[lot.lot_id]) for lot in order
+                      if lot.remaining != after[lot.lot_id])
+        held = Held(hold_id, tokens, expires_at, taken, left)
+        return replace(self, lots=lots, debt=self.debt + left, holds=(*self.holds, held))
+
+    def close(self, hold_id: str, settled: int) -> tuple[Book, Returned]:
+        """Close a hold, keeping `settled` tokens of it (settle; 0 for a release): the hold's tokens are
+        kept in the order taken, the rest go back to their lots (those no longer in the book are
+        expired: their tokens expire), its uncovered part cancels debt; a settle above the hold
+        consumes the excess from the front of the spending order."""
+        hold = self.held(hold_id)
+        if hold is None:
+            raise KeyError(f"no open hold {hold_id!r} in {self.offer_group!r}")
+        keep = min(settled, hold.tokens)
+        parts = [*hold.taken, ("", hold.uncovered)]
+        back: list[tuple[str, int]] = []
+        for lot_id, n in parts:
+            kept = min(keep, n)
+            keep -= kept
+            if n - kept:
+                back.append((lot_id, n - kept))
+        present = {lot.lot_id for lot in self.lots}
+        to_lots = tuple((lot_id, n) for lot_id, n in back if lot_id and lot_id in present)
+        expired = tuple((lot_id, n) for lot_id, n in back if lot_id and lot_id not in present)
+        debt = sum(n for lot_id, n in back if not lot_id)
+        gains = dict(to_lots)
+        lots = tuple(replace(lot, remaining=lot.remaining + gains[lot.lot_id]) if lot.lot_id in gains else lot
+                     for lot in self.lots)
+        book = replace(self, lots=lots, debt=self.debt - debt,
+                       holds=tuple(h for h in self.holds if h.hold_id != hold_id))
+        excess = max(0, settled - hold.tokens)
+        return book.burn(excess), Returned(to_lots, expired, debt, excess)
 
     def take(self, tokens: int, first: Sequence[str] = ()) -> tuple[Book, list[tuple[str, int]]]:
         """Take up to `tokens` from the live lots: the lots named in `first`, then the others in spending
@@ -230,10 +369,13 @@ class Book:
     # -- storage
 
     def to_record(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "lots": [lot.to_record() for lot in self.lots], "debt": self.debt, "total": self.total,
             "nextOrdinal": self.next_ordinal, "expiredUntil": to_iso(self.expired_until),
         }
+        if self.holds:
+            record["holds"] = [hold.to_record() for hold in self.holds]
+        return record
 
     @classmethod
     def from_record(cls, offer_group: str, data: Mapping[str, Any] | None) -> Book:
@@ -244,14 +386,41 @@ class Book:
             offer_group, lots=tuple(Lot.from_record(lot) for lot in data.get("lots", [])),
             debt=int(data.get("debt", 0)), next_ordinal=int(data.get("nextOrdinal", 0)),
             expired_until=from_iso(until) if until else None,
+            holds=tuple(Held.from_record(hold) for hold in data.get("holds", [])),
         )
 
 
-def current_book(offer_group: str, stored: Mapping[str, Any] | None, balance: int) -> Book:
-    """The book as it is now: the stored one with the consumes since it was written burned.
+def replay(book: Book, events: Iterable[HoldEvent], balance: int) -> Book:
+    """The book as it is now: `book` as the last rewrite stored it, then every hold event since, in
+    the order written, with the consumes between them burned from the front of the spending order.
 
-    A consume only lowers `balance`, so `stored total - balance` is what they took. A consume on a
-    group with no book yet (it created the balance item) leaves a negative balance: all debt.
+    Between two events only consumes changed the balance, and a consume only lowers it, so the
+    balance just before an event, against the balance the previous one left, is what they took. A
+    consume on a group with no book yet (it created the balance item) leaves a negative balance:
+    all debt.
     """
-    book = Book.from_record(offer_group, stored)
-    return book.burn(book.total - balance)
+    expected = book.total
+    for event in sorted(events, key=lambda e: (e.seq, e.kind != "close")):
+        book = _burned(book, expected - event.balance, event)
+        if event.kind == "open":
+            assert event.expires_at is not None
+            book = book.hold(event.hold_id, event.tokens, event.expires_at)
+            expected = event.balance - event.tokens
+        else:
+            book, returned = book.close(event.hold_id, event.tokens)
+            expected = event.balance + returned.released - returned.excess
+    return _burned(book, expected - balance, None)
+
+
+def _burned(book: Book, consumed: int, before: HoldEvent | None) -> Book:
+    if consumed < 0:
+        # Only consumes run between two hold events, and they only lower the balance: a bug.
+        raise ValueError(f"{book.offer_group!r}: the balance rose by {-consumed} between hold events "
+                         f"(before {before!r})")
+    return book.burn(consumed)
+
+
+def current_book(offer_group: str, stored: Mapping[str, Any] | None, balance: int,
+                 events: Iterable[HoldEvent] = ()) -> Book:
+    """The book as it is now: the stored one with everything since it was written applied (`replay`)."""
+    return replay(Book.from_record(offer_group, stored), events, balance)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from user_credits.domain.changes import KeyedRequest
@@ -13,6 +13,7 @@ from user_credits.errors import CreditsExpired, InsufficientCredits, ServiceBusy
 from user_credits.logic import expiry
 from user_credits.observability import count
 from user_credits.store import consumption as store
+from user_credits.store import holds
 from user_credits.store.balances import read_group
 from user_credits.store.idempotency import StoredResponse, request_hash, scoped_key
 
@@ -31,9 +32,24 @@ def consume_tokens(
 
     The ledger entry and CreditsLow follow from the table's stream (`logic.stream`).
     """
+    return draw(user_id, offer_group, tokens, max_overdraft, idempotency_key, request_body)
+
+
+def draw(
+    user_id: str, offer_group: str, tokens: int, max_overdraft: int, idempotency_key: str | None,
+    request_body: dict[str, Any], hold_for: timedelta | None = None,
+) -> ConsumeResult:
+    """Take `tokens` by SPEC 2.5: a consume, or with `hold_for` a hold placed for that long (SPEC 2.9,
+    answered 201). With an Idempotency-Key a repeat replays the first response instead."""
     now = utc_now()
+    route = store.CONSUME_ROUTE if hold_for is None else holds.HOLD_ROUTE
     keyed = None if idempotency_key is None else KeyedRequest(
-        idempotency_key, scoped_key(user_id, store.CONSUME_ROUTE, idempotency_key), request_hash(request_body))
+        idempotency_key, scoped_key(user_id, route, idempotency_key), request_hash(request_body))
+    placing = None
+    if hold_for is not None:
+        # A keyed hold's id comes from its key and body: every attempt of it places the same hold.
+        seed = None if keyed is None else f"{keyed.record_key}#{keyed.request_hash}"
+        placing = store.Placing(holds.new_ref(offer_group, tokens, seed), now + hold_for)
     for _ in range(CLAIMS):
         unfinished = False
         if keyed is not None:
@@ -44,13 +60,13 @@ def consume_tokens(
             unfinished = claim.unfinished
             if unfinished and not _settled(claim.claimed_at, now):
                 # The first attempt may still be on its way: only a marker (it debited) answers now.
-                marked = store.marked(user_id, offer_group, tokens, keyed)
+                marked = store.marked(user_id, offer_group, tokens, keyed, placing)
                 if marked is None:
                     raise ServiceBusy("the first request with this Idempotency-Key is still in progress, "
                                       "retry shortly")
                 return ConsumeResult(marked.status_code, marked.body)
         try:
-            decided = _decide(user_id, offer_group, tokens, max_overdraft, now, keyed, unfinished)
+            decided = _decide(user_id, offer_group, tokens, max_overdraft, now, keyed, unfinished, placing)
         except store.KeyFinished:
             continue
         except (InsufficientCredits, CreditsExpired):
@@ -59,8 +75,8 @@ def consume_tokens(
             raise
         if isinstance(decided, StoredResponse):
             return ConsumeResult(decided.status_code, decided.body)
-        count("Consumes")
-        return ConsumeResult(200, decided.receipt())
+        count("Consumes" if placing is None else "HoldsPlaced")
+        return ConsumeResult(200 if placing is None else 201, decided.receipt())
     raise ServiceBusy("the first request with this Idempotency-Key is still being recorded, retry shortly")
 
 
@@ -75,10 +91,21 @@ def _settled(claimed_at: datetime | None, now: datetime) -> bool:
 
 def _decide(
     user_id: str, offer_group: str, tokens: int, max_overdraft: int, now: datetime, keyed: KeyedRequest | None,
-    unfinished: bool,
+    unfinished: bool, placing: store.Placing | None = None,
 ) -> store.Debit | StoredResponse:
     def attempt() -> store.Debit | StoredResponse:
-        return store.debit(user_id, offer_group, tokens, max_overdraft, now, keyed, unfinished=unfinished)
+        current = placing
+        for _ in range(CLAIMS):
+            try:
+                return store.debit(user_id, offer_group, tokens, max_overdraft, now, keyed, unfinished=unfinished,
+                                   placing=current)
+            except store.LowerHoldDue:
+                # This hold expires before the item's holdDue: the second attempt lowers it.
+                assert current is not None
+                current = replace(current, lower_due=True)
+            except store.HoldDueMoved:
+                current = replace(current, lower_due=False) if current is not None else None
+        raise ServiceBusy("the holds of this group keep changing, retry shortly")
 
     try:
         try:
@@ -86,8 +113,8 @@ def _decide(
         except store.LotsDue:
             # Decided on the group as it is now (consumes since the refusal are in its balance), with
             # only its live lots: refused here, nothing is written.
-            require_credits(read_group(user_id, offer_group).book, tokens, max_overdraft, now)
-            # It would pass once the due lots are gone: expire them (a rewrite), then decide again.
+            require_credits(read_group(user_id, offer_group).book.without_due_holds(now), tokens, max_overdraft, now)
+            # It would pass once the due lots (or holds) are gone: a rewrite, then decide again.
             expiry.expire_group(user_id, offer_group, now)
             try:
                 return attempt()

@@ -12,9 +12,8 @@ from user_credits.domain.clock import to_iso, utc_now
 from user_credits.domain.orders import PAID_STATUSES
 from user_credits.errors import ValidationFailed
 from user_credits.store import ledger as ledger_store
-from user_credits.store.balances import book_of, untorn
-from user_credits.store.models import AccountItem, BalanceRecord, BookRecord, OrderRecord
-from user_credits.store.orders import to_order
+from user_credits.store.balances import partition, states_of, untorn
+from user_credits.store.orders import orders_among
 
 # Orders that still stand for credits the user bought: the one definition of a paid order.
 LISTED_ORDER_STATUSES = PAID_STATUSES
@@ -32,22 +31,14 @@ def credits_of(user_id: str) -> dict[str, Any]:
 
 def _credits_once(user_id: str) -> dict[str, Any]:
     now = utc_now()
+    items = list(partition(user_id))
     groups: list[dict[str, Any]] = []
-    orders: list[dict[str, Any]] = []
-    balances: list[BalanceRecord] = []
-    books: dict[str, BookRecord] = {}
-    for record in AccountItem.query(user_id):
-        if isinstance(record, BalanceRecord):
-            balances.append(record)
-        elif isinstance(record, BookRecord):
-            books[record.offerGroup] = record
-        elif isinstance(record, OrderRecord) and record.status in LISTED_ORDER_STATUSES:
-            orders.append(to_order(record).to_json())
-    for balance in balances:
-        # A Query is read-committed per item, not a snapshot: `book_of` refuses a torn pair.
-        book = book_of(balance, books.get(balance.offerGroup))
+    orders = [order.to_json() for order in orders_among(items) if order.status in LISTED_ORDER_STATUSES]
+    # A Query is read-committed per item, not a snapshot: `states_of` refuses a torn balance/book pair.
+    for state in states_of(items):
+        book = state.book
         groups.append({
-            "offerGroup": balance.offerGroup, "balance": book.spendable(now), "expiresAt": to_iso(book.expires_at),
+            "offerGroup": state.offer_group, "balance": book.spendable(now), "expiresAt": to_iso(book.expires_at),
             "lots": [lot.to_json() for lot in book.live_lots(now)],
         })
     groups.sort(key=lambda g: g["offerGroup"])

@@ -34,7 +34,7 @@ from pynamodb.transactions import TransactWrite
 
 from user_credits.domain.changes import Event
 from user_credits.domain.clock import to_iso
-from user_credits.domain.lots import Lot, Movement
+from user_credits.domain.lots import Book, Lot, Movement
 from user_credits.observability import count, logger
 from user_credits.store.balances import GroupState, read_group, stage_group_change
 from user_credits.store.expiry import (
@@ -46,6 +46,7 @@ from user_credits.store.expiry import (
     position_through,
     save_progress,
 )
+from user_credits.store.holds import MAX_PENDING, Outcome
 from user_credits.store.transactions import commit, optimistic
 
 # Lambda time left (ms) below which the sweep stops taking new groups: more than one group's worst case
@@ -133,16 +134,18 @@ class Expiry:
 
 
 
-def _expired_events(
+def expired_events(
     before: GroupState, movements: list[Movement], now: datetime,
 ) -> Callable[[GroupState], list[Event]]:
-    """One CreditsExpired per lot that lost tokens, sent by the stream function."""
+    """One CreditsExpired per expire movement (a lot that lost tokens, or the tokens a released hold
+    gave back to a lot that had expired meanwhile), sent by the stream function."""
     lots = {lot.lot_id: lot for lot in before.book.lots}
 
     def events(after: GroupState) -> list[Event]:
         return [Event("CreditsExpired", {
             "userId": before.user_id, "offerGroup": before.offer_group,
-            "balance": after.book.spendable(now), "expiresAt": to_iso(lots[str(m.lot_id)].expires_at),
+            "balance": after.book.spendable(now),
+            "expiresAt": to_iso(lots[str(m.lot_id)].expires_at) if str(m.lot_id) in lots else None,
             "lotId": m.lot_id, "expiredTokens": -m.delta,
         }) for m in movements if m.reason == "expire"]
 
@@ -150,25 +153,59 @@ def _expired_events(
 
 
 def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None:
-    """Expire the group's due lots (and correct a stale nextExp); None when nothing needed doing."""
-
+    """Expire the group's due lots, release its due holds, fold its holds into the book (and correct a
+    stale nextExp or holdDue); None when nothing needed doing."""
     def attempt() -> Expiry | None:
         state = read_group(user_id, offer_group)
         if not state.exists:
             return None
         book, movements = state.book.expire(now)
-        if not movements and book == state.book and state.stored_next_expiry == book.next_expiry:
+        book, releases, released = release_due(state, book, now)
+        movements += releases
+        pending = any(hold.opened is not None or hold.closed is not None for hold in state.holds)
+        hold_due = min((held.expires_at for held in book.holds), default=None)
+        if (not movements and book == state.book and state.stored_next_expiry == book.next_expiry
+                and not pending and state.stored_hold_due == hold_due):
             return None
         after: list[GroupState] = []
 
         def build(tx: TransactWrite) -> None:
             after.append(stage_group_change(tx, state, movements, book, now,
-                                            events=_expired_events(state, movements, now)))
+                                            events=expired_events(state, movements, now), closed=released))
 
         commit(build)
         return Expiry(state, after[0], tuple(movements))
 
     return optimistic(attempt)
+
+
+def release_due(state: GroupState, book: Book, now: datetime) -> tuple[Book, list[Movement], list[Outcome]]:
+    """Release the holds of `book` past their expiresAt (SPEC 2.9), at most `MAX_PENDING` per
+    rewrite (a rewrite's transaction has room for that many remembered outcomes); the rest follow on
+    the next touch (holdDue stays due)."""
+    movements: list[Movement] = []
+    outcomes: list[Outcome] = []
+    balance = state.balance
+    due = sorted((held for held in book.holds if held.expires_at <= now), key=lambda h: h.expires_at)
+    for held in due[:MAX_PENDING]:
+        book, moves = close_in_book(book, held.hold_id, 0)
+        movements += moves
+        balance += sum(move.delta for move in moves)
+        outcomes.append(Outcome(held.hold_id, "released", 0, held.tokens, balance))
+    return book, movements, outcomes
+
+
+def close_in_book(book: Book, hold_id: str, settled: int) -> tuple[Book, list[Movement]]:
+    """Close the hold in the book: the movements (release, expiries of returned tokens whose lot is
+    gone, a settle's excess consumed)."""
+    book, returned = book.close(hold_id, settled)
+    moves: list[Movement] = []
+    if returned.released:
+        moves.append(Movement(returned.released, "release", hold_id=hold_id))
+    moves += [Movement(-n, "expire", lot_id=lot_id, hold_id=hold_id) for lot_id, n in returned.expired]
+    if returned.excess:
+        moves.append(Movement(-returned.excess, "consume", hold_id=hold_id))
+    return book, moves
 
 
 def warn_group(user_id: str, offer_group: str, now: datetime, window_end: datetime) -> list[Lot]:

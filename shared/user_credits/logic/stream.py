@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from user_credits.config import load_settings
@@ -19,7 +20,7 @@ from user_credits.domain.clock import to_iso
 from user_credits.domain.ledger import LedgerEntry
 from user_credits.events.publisher import send
 from user_credits.observability import count, logger
-from user_credits.store import consumption, idempotency, ledger
+from user_credits.store import consumption, holds, idempotency, ledger
 from user_credits.store.stream import OrderWrite, read_record
 
 
@@ -36,6 +37,8 @@ class StreamBatch:
     # Whether those entries are written already (else each record writes its own).
     prewritten: bool = False
     markers: dict[tuple[str, str], list[KeyedRequest]] = field(default_factory=dict)
+    # The soonest expiry of the holds placed in this batch, per balance item (for the sweep's index).
+    placed: dict[tuple[str, str], datetime] = field(default_factory=dict)
 
     @classmethod
     def of(cls, records: Sequence[Mapping[str, Any]]) -> StreamBatch:
@@ -72,11 +75,17 @@ class StreamBatch:
         if marker is not None:
             user_id, offer_group, keyed = marker
             self.markers.setdefault((user_id, offer_group), []).append(keyed)
+        if isinstance(write, GroupWrite) and write.change.hold_until is not None:
+            where = (write.user_id, write.offer_group)
+            self.placed[where] = min(self.placed.get(where, write.change.hold_until), write.change.hold_until)
 
     def finish(self) -> None:
-        """Remove the markers of the keyed consumes applied: their records are completed."""
+        """Remove the markers of the keyed consumes applied (their records are completed), and bring
+        the sweep's index entry of each group with a new hold forward to it, if it is sooner."""
         for (user_id, offer_group), keys in self.markers.items():
             consumption.remove_markers(user_id, offer_group, keys)
+        for (user_id, offer_group), until in self.placed.items():
+            holds.index_hold(user_id, offer_group, until)
 
 
 def _apply(
@@ -94,10 +103,8 @@ def _apply(
             count("LedgerEntries", len(entries))
         keyed = write.change.keyed
         if keyed is not None:
-            tokens = -write.change.movements[0].delta
-            answer = consumption.receipt(write.user_id, write.offer_group, tokens, write.balance_after,
-                                         write.expires_at)
-            if not idempotency.complete(keyed.record_key, keyed.request_hash, 200, answer):
+            status, answer = _keyed_answer(write)
+            if not idempotency.complete(keyed.record_key, keyed.request_hash, status, answer):
                 # Its record expired and was claimed again by another body (or is gone): nothing to keep.
                 logger.warning("a keyed consume's record was not there to complete",
                                extra={"user_id": write.user_id, "offer_group": write.offer_group})
@@ -112,10 +119,22 @@ def _apply(
     return marker
 
 
+def _keyed_answer(write: GroupWrite) -> tuple[int, dict[str, Any]]:
+    """The answer a keyed consume (or hold) gave, from its write: what its key's record keeps."""
+    movement = write.change.movements[0]
+    if movement.reason == "hold":
+        ref = holds.parse_ref(str(movement.hold_id))
+        assert ref is not None and write.change.hold_until is not None
+        return 201, consumption.hold_receipt(write.user_id, ref, write.balance_after, write.change.hold_until)
+    return 200, consumption.receipt(write.user_id, write.offer_group, -movement.delta, write.balance_after,
+                                    write.expires_at)
+
+
 def _low_balance(write: GroupWrite) -> Event | None:
-    """SPEC 2.7: the consumption whose write took the balance from >= threshold to < threshold. The
-    images before and after are those of one conditional write, so no two see the same crossing."""
-    if not any(movement.reason == "consume" for movement in write.change.movements):
+    """SPEC 2.7: the consumption (or hold: it spends like one) whose write took the balance from >=
+    threshold to < threshold. The images before and after are those of one conditional write, so no
+    two see the same crossing."""
+    if not any(movement.reason in ("consume", "hold") for movement in write.change.movements):
         return None
     threshold = load_settings().low_balance_thresholds.get(write.offer_group)
     if not crossed_below(threshold, write.balance_before, write.balance_after):

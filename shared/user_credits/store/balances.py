@@ -11,27 +11,25 @@ table's stream (`logic.stream`).
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from pynamodb.expressions.operand import Path
 from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
 from user_credits.domain.changes import Change, Event
-from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Book, Movement, current_book
 from user_credits.errors import ServiceBusy
-from user_credits.store.models import AccountItem, BalanceRecord, BookRecord, book_sk, group_sk
+from user_credits.store import holds as hold_items
+from user_credits.store.due import due_shard, due_sort
+from user_credits.store.models import BalanceRecord, BookRecord, book_sk, group_sk
 
 T = TypeVar("T")
 
-# Partition keys of the byDue index: what falls due at one moment spreads over all of them.
-DUE_SHARDS: Final = 16
 # Reads of a group torn by a concurrent rewrite, tried again before giving up (as a lost race).
 TORN_READ_ATTEMPTS: Final = 5
 
@@ -49,6 +47,9 @@ class GroupState:
     # What the item says: a group whose stored nextExp is stale is rewritten by the sweep.
     stored_next_expiry: datetime | None = None
     book_version: int = 0
+    # The holds on the balance item (open, and closed but not yet folded into the book).
+    holds: tuple[hold_items.ItemHold, ...] = ()
+    stored_hold_due: datetime | None = None
 
     @property
     def expires_at(self) -> datetime | None:
@@ -59,25 +60,69 @@ class TornRead(Exception):
     """A balance and a book from different rewrites (a read that a transaction interleaved): read again."""
 
 
-def book_of(record: BalanceRecord, book: BookRecord | None) -> Book:
+def book_of(record: BalanceRecord, book: BookRecord | None, holds: Sequence[hold_items.ItemHold] = ()) -> Book:
     """The group's book as of now; the two items must come from the same rewrite."""
     version = int(record.bookVer or 0)
     if (book.ver if book is not None else 0) != version:
         raise TornRead(f"book {book.ver if book else None} != balance's {version} for {record.offerGroup!r}")
-    return current_book(record.offerGroup, book.book if book is not None else None, int(record.balance))
+    events = [event for hold in holds for event in (hold.opened, hold.closed) if event is not None]
+    return current_book(record.offerGroup, book.book if book is not None else None, int(record.balance), events)
 
 
-def to_state(record: BalanceRecord, book: BookRecord | None) -> GroupState:
+def to_state(record: BalanceRecord, book: BookRecord | None, raw: Mapping[str, Any] | None = None) -> GroupState:
+    holds = tuple(hold_items.holds_on(raw)) if raw is not None else ()
     return GroupState(
         user_id=record.userId,
         offer_group=record.offerGroup,
         balance=int(record.balance),
         seq=int(record.seq),
         exists=True,
-        book=book_of(record, book),
+        book=book_of(record, book, holds),
         stored_next_expiry=record.nextExp,
         book_version=int(record.bookVer or 0),
+        holds=holds,
+        stored_hold_due=hold_items.hold_due(raw) if raw is not None else None,
     )
+
+
+def _client() -> Any:
+    return BalanceRecord._get_connection().connection.client
+
+
+def _batch_get(keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Raw items (a pynamodb model read would drop the balance item's hold attributes), consistently."""
+    table = BalanceRecord.Meta.table_name
+    request: dict[str, Any] = {table: {"Keys": keys, "ConsistentRead": True}}
+    found: list[dict[str, Any]] = []
+    for _ in range(TORN_READ_ATTEMPTS * 2):
+        page = _client().batch_get_item(RequestItems=request)
+        found.extend(page.get("Responses", {}).get(table, []))
+        request = page.get("UnprocessedKeys") or {}
+        if not request:
+            return found
+    raise ServiceBusy("the group could not be read, retry shortly")
+
+
+def partition(user_id: str) -> Iterator[dict[str, Any]]:
+    """Every item of the user's partition, raw (one Query, paged)."""
+    request: dict[str, Any] = {
+        "TableName": BalanceRecord.Meta.table_name, "KeyConditionExpression": "#u = :u",
+        "ExpressionAttributeNames": {"#u": "userId"}, "ExpressionAttributeValues": {":u": {"S": user_id}},
+    }
+    while True:
+        page = _client().query(**request)
+        yield from page.get("Items", [])
+        if "LastEvaluatedKey" not in page:
+            return
+        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def states_of(items: Sequence[Mapping[str, Any]]) -> list[GroupState]:
+    """The groups among raw items of one partition (each balance with its book)."""
+    books = {item["offerGroup"]["S"]: BookRecord.from_raw_data(dict(item))
+             for item in items if item.get("itemType", {}).get("S") == "book"}
+    return [to_state(BalanceRecord.from_raw_data(dict(item)), books.get(item["offerGroup"]["S"]), item)
+            for item in items if item.get("itemType", {}).get("S") == "balance"]
 
 
 def untorn(read: Callable[[], T], what: str) -> T:
@@ -96,39 +141,59 @@ def read_group(user_id: str, offer_group: str) -> GroupState:
     bumps the book's version on both items, so a pair torn by a rewrite in between is seen and read
     again; a consume in between changes only the balance, which the burn accounts for."""
 
+    keys = [{"userId": {"S": user_id}, "sk": {"S": sk}} for sk in (group_sk(offer_group), book_sk(offer_group))]
+
     def read() -> GroupState:
-        found = list(AccountItem.batch_get([(user_id, group_sk(offer_group)), (user_id, book_sk(offer_group))],
-                                           consistent_read=True))
-        record = next((item for item in found if isinstance(item, BalanceRecord)), None)
-        if record is None:
-            return GroupState(user_id, offer_group, Book(offer_group))
-        return to_state(record, next((item for item in found if isinstance(item, BookRecord)), None))
+        found = states_of(_batch_get(keys))
+        return found[0] if found else GroupState(user_id, offer_group, Book(offer_group))
 
     return untorn(read, "the group")
 
 
-def due_shard(user_id: str, offer_group: str) -> str:
-    digest = hashlib.sha256(f"{user_id}#{offer_group}".encode()).digest()
-    return f"due#{int.from_bytes(digest[:4], 'big') % DUE_SHARDS:02d}"
-
-
-def due_shards() -> list[str]:
-    return [f"due#{n:02d}" for n in range(DUE_SHARDS)]
-
-
-def due_sort(user_id: str, offer_group: str, moment: datetime) -> str:
-    return f"{to_iso(moment)}#{user_id}#{offer_group}"
-
-
-def due_index_actions(user_id: str, offer_group: str, next_expiry: datetime | None) -> list[Action]:
-    """Keep the sparse due index in step with nextExp: present iff a lot with tokens expires."""
-    if next_expiry is None:
-        return [BalanceRecord.nextExp.remove(), BalanceRecord.dueShard.remove(), BalanceRecord.dueSort.remove()]
+def due_index_actions(
+    user_id: str, offer_group: str, next_expiry: datetime | None, hold_due: datetime | None = None,
+) -> list[Action]:
+    """Keep nextExp and the sparse due index in step: the index entry is present iff a lot with
+    tokens expires or a hold is open, at the sooner of the two."""
+    actions = [BalanceRecord.nextExp.set(next_expiry) if next_expiry is not None else BalanceRecord.nextExp.remove()]
+    dates = [date for date in (next_expiry, hold_due) if date is not None]
+    if not dates:
+        return [*actions, BalanceRecord.dueShard.remove(), BalanceRecord.dueSort.remove()]
     return [
-        BalanceRecord.nextExp.set(next_expiry),
+        *actions,
         BalanceRecord.dueShard.set(due_shard(user_id, offer_group)),
-        BalanceRecord.dueSort.set(due_sort(user_id, offer_group, next_expiry)),
+        BalanceRecord.dueSort.set(due_sort(user_id, offer_group, min(dates))),
     ]
+
+
+def _hold_actions(before: GroupState, book: Book, closed: Sequence[hold_items.Outcome]) -> list[Action]:
+    """Fold the balance item's holds into `book`: the stamps and closed holds go, each open hold learns
+    when its lots expire (`lx`), `holdDue` becomes the soonest open hold's expiry."""
+    actions: list[Action] = []
+    gone = {outcome.hold_id for outcome in closed}
+    for hold in before.holds:
+        if hold.opened is not None:
+            actions += [Path(hold_items.OPEN_SEQ + hold.ref.rid).remove(),
+                        Path(hold_items.OPEN_BALANCE + hold.ref.rid).remove()]
+        if hold.outcome is not None or hold.ref.hold_id in gone:
+            actions.append(Path(hold.ref.attribute).remove())
+    for held in book.holds:
+        ref = hold_items.parse_ref(held.hold_id)
+        assert ref is not None
+        expiry = book.hold_lots_expiry(held.hold_id)
+        path = Path([ref.attribute, "lx"])
+        actions.append(path.set({"S": hold_items.stamp(expiry)}) if expiry is not None else path.remove())
+    if before.holds or book.holds:
+        actions.append(Path(hold_items.PENDING).remove())
+    due = min((held.expires_at for held in book.holds), default=None)
+    actions.append(Path(hold_items.HOLD_DUE).set({"S": hold_items.stamp(due)}) if due is not None
+                   else Path(hold_items.HOLD_DUE).remove())
+    return actions
+
+
+def folded_outcomes(before: GroupState) -> list[hold_items.Outcome]:
+    """The closed holds a rewrite of `before` folds away (their outcomes are archived by it)."""
+    return [hold.outcome for hold in before.holds if hold.outcome is not None]
 
 
 def stage_group_change(
@@ -138,12 +203,15 @@ def stage_group_change(
     book: Book,
     at: datetime,
     events: Callable[[GroupState], Sequence[Event]] | None = None,
+    closed: Sequence[hold_items.Outcome] = (),
 ) -> GroupState:
     """Add the balance write and the book to `tx`; returns the state after.
 
     `book` is `before.book` with the movements applied; the two must agree, or this is a bug. The
     movements and `events(after)` travel on the balance item as its `change`, from which the stream
-    function writes the ledger entries and sends the events (see `domain.changes`).
+    function writes the ledger entries and sends the events (see `domain.changes`). Every rewrite
+    folds the item's holds into the book (`store.holds`); `closed`: holds this rewrite closes, whose
+    outcomes are archived with those of the holds closed before it.
     """
     balance = before.balance + sum(movement.delta for movement in movements)
     seq = before.seq + len(movements)
@@ -151,7 +219,8 @@ def stage_group_change(
         raise AssertionError(f"book total {book.total} != balance {balance} for {before.offer_group!r}")
     version = before.book_version + 1
     after = replace(before, balance=balance, seq=seq, exists=True, book=book, stored_next_expiry=book.next_expiry,
-                    book_version=version)
+                    book_version=version, holds=(),
+                    stored_hold_due=min((held.expires_at for held in book.holds), default=None))
     change = Change(uuid.uuid4().hex, at, tuple(movements), tuple(events(after) if events else ()))
     key = BalanceRecord(before.user_id, group_sk(before.offer_group))
     expires_at = book.expires_at
@@ -165,7 +234,9 @@ def stage_group_change(
         BalanceRecord.bookVer.set(version),
         BalanceRecord.change.set(change.to_json()),
         BalanceRecord.expiresAt.set(expires_at) if expires_at is not None else BalanceRecord.expiresAt.remove(),
-        *due_index_actions(before.user_id, before.offer_group, book.next_expiry),
+        *due_index_actions(before.user_id, before.offer_group, book.next_expiry,
+                           min((held.expires_at for held in book.holds), default=None)),
+        *_hold_actions(before, book, closed),
     ]
     # The read-then-write guard: nothing (a consume, another purchase) changed the group since `before`.
     guard = BalanceRecord.seq == before.seq if before.exists else BalanceRecord.sk.does_not_exist()
@@ -173,4 +244,7 @@ def stage_group_change(
     # No condition of its own: the balance's guard covers both items of the group.
     tx.save(BookRecord(before.user_id, book_sk(before.offer_group), offerGroup=before.offer_group,
                        book=book.to_record(), ver=version))
+    # A closed hold's outcome outlives its attribute for a day, so a repeated settle still answers.
+    for outcome in [*folded_outcomes(before), *closed]:
+        tx.save(hold_items.archive_record(before.user_id, outcome, at))
     return after

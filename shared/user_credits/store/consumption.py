@@ -49,6 +49,7 @@ from user_credits.domain.changes import Change, KeyedRequest
 from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Movement
 from user_credits.errors import CreditsExpired, IdempotencyKeyReused, InsufficientCredits
+from user_credits.store import holds
 from user_credits.store.idempotency import TTL_SECONDS, StoredResponse
 from user_credits.store.models import BalanceRecord, IdempotencyRecord, group_sk
 from user_credits.store.transactions import StaleRead, optimistic
@@ -58,26 +59,36 @@ MARKER_BALANCE, MARKER_EXPIRY = "ikb_", "ike_"
 
 # Errors that guarantee nothing was applied: a plain write to an item while a transaction that includes
 # it is in flight (AWS), and throttling. Retried by the one loop (`transactions.optimistic`).
-_CONFLICTS: Final = {
-    "TransactionConflictException", "TransactionInProgressException", "ThrottlingException",
-    "ProvisionedThroughputExceededException", "RequestLimitExceeded",
-}
+_CONFLICTS: Final = holds.CONFLICTS
 # A keyed consume's first attempt lands its update within the function's timeout (15 s) of its claim;
 # a retry that finds the claim unfinished and no marker waits until the claim is older than this.
 HOLD_SECONDS: Final = 60
 
 
 @dataclass(frozen=True)
+class Placing:
+    """The hold a debit places (SPEC 2.9): a hold takes its tokens exactly as a consume would."""
+
+    ref: holds.HoldRef
+    expires_at: datetime
+    # The hold expires before the item's holdDue: this attempt lowers it (see `store.holds`).
+    lower_due: bool = False
+
+
+@dataclass(frozen=True)
 class Debit:
-    """A consumption that happened: what the deciding request reports."""
+    """A consumption (or a hold placed) that happened: what the deciding request reports."""
 
     user_id: str
     offer_group: str
     tokens: int
     balance_after: int
     expires_at: datetime | None
+    placing: Placing | None = None
 
     def receipt(self) -> dict[str, Any]:
+        if self.placing is not None:
+            return hold_receipt(self.user_id, self.placing.ref, self.balance_after, self.placing.expires_at)
         return receipt(self.user_id, self.offer_group, self.tokens, self.balance_after, self.expires_at)
 
 
@@ -90,9 +101,24 @@ def receipt(
             "expiresAt": to_iso(expires_at)}
 
 
+def hold_receipt(user_id: str, ref: holds.HoldRef, balance_after: int, expires_at: datetime) -> dict[str, Any]:
+    """The 201 body of a hold (the stream function stores it under a keyed hold's key, too)."""
+    return {"holdId": ref.hold_id, "userId": user_id, "offerGroup": ref.offer_group, "tokens": ref.tokens,
+            "balance": balance_after, "expiresAt": to_iso(expires_at)}
+
+
+class LowerHoldDue(Exception):
+    """The hold expires before the balance item's holdDue: place it again, lowering holdDue."""
+
+
+class HoldDueMoved(Exception):
+    """An attempt to lower holdDue found it at or below the hold's expiry already: place it plainly."""
+
+
 class LotsDue(Exception):
     """The consume was refused because a lot that held tokens has expired since the group's last
-    rewrite: the stored balance still counts it, so the caller must look at the group's lots."""
+    rewrite (the stored balance still counts it), a hold is due, or too many holds wait for the book:
+    the caller must rewrite the group first."""
 
 
 class KeyFinished(Exception):
@@ -182,9 +208,13 @@ def marker_names(keyed: KeyedRequest) -> tuple[str, str]:
 
 def _debit_update(
     user_id: str, offer_group: str, tokens: int, max_overdraft: int, now: datetime, keyed: KeyedRequest | None,
+    placing: Placing | None = None,
 ) -> dict[str, Any]:
-    movement = Movement(delta=-tokens, reason="consume", idempotency_key=None if keyed is None else keyed.key)
-    change = Change(uuid.uuid4().hex, now, (movement,), keyed=keyed)
+    movement = Movement(delta=-tokens, reason="consume" if placing is None else "hold",
+                        idempotency_key=None if keyed is None else keyed.key,
+                        hold_id=None if placing is None else placing.ref.hold_id)
+    change = Change(uuid.uuid4().hex, now, (movement,), keyed=keyed,
+                    hold_until=None if placing is None else placing.expires_at)
     floor = tokens - max_overdraft
     names = {"#b": "balance", "#s": "seq", "#t": "itemType", "#g": "offerGroup", "#u": "updatedAt",
              "#n": "nextExp", "#c": "change"}
@@ -200,26 +230,57 @@ def _debit_update(
     # one has, the condition fails and the caller expires it first (`LotsDue`). A missing group has
     # balance 0, which passes exactly when tokens <= maxOverdraft (decided here: it involves no attribute).
     funds = "#b >= :floor OR attribute_not_exists(#b)" if floor <= 0 else "#b >= :floor"
-    condition = f"(attribute_not_exists(#n) OR #n > :now) AND ({funds})"
+    # A hold that is due is released first, as soon as its group is touched (SPEC 2.9).
+    names["#due"] = holds.HOLD_DUE
+    condition = f"(attribute_not_exists(#n) OR #n > :now) AND (attribute_not_exists(#due) OR #due > :now) AND ({funds})"
+    added = ""
+    if placing is not None:
+        sets, added, placed, hold_names, hold_values = holds.placing_clauses(
+            placing.ref, placing.expires_at, now, placing.lower_due)
+        expression += ", " + sets
+        condition = f"{placed} AND {condition}"
+        names.update(hold_names)
+        values.update(hold_values)
     if keyed is not None:
         balance_marker, expiry_marker = marker_names(keyed)
-        names.update({"#e": "expiresAt", "#mb": balance_marker, "#me": expiry_marker})
-        values[":nul"] = {"NULL": True}
-        # Right-hand sides read the OLD item: the marker holds exactly this debit's balance after.
-        expression += ", #mb = if_not_exists(#b, :z) - :t, #me = if_not_exists(#e, :nul)"
+        names.update({"#mb": balance_marker, "#me": expiry_marker})
+        if placing is None:
+            names["#e"] = "expiresAt"
+            values[":nul"] = {"NULL": True}
+        # Right-hand sides read the OLD item: the marker holds exactly this debit's balance after (and
+        # the answer's expiresAt: the group's, or the hold's).
+        expression += ", #mb = if_not_exists(#b, :z) - :t, "
+        expression += "#me = if_not_exists(#e, :nul)" if placing is None else "#me = :hexp"
         condition = f"attribute_not_exists(#mb) AND {condition}"
+    if added:
+        expression += " ADD " + added
     return {
         "TableName": BalanceRecord.Meta.table_name, "Key": _key(user_id, offer_group), "UpdateExpression": expression,
         "ConditionExpression": condition, "ExpressionAttributeNames": names, "ExpressionAttributeValues": values,
     }
 
 
-def _refusal(old: Mapping[str, Any] | None, now: datetime) -> InsufficientCredits | CreditsExpired | LotsDue:
+def _refusal(
+    old: Mapping[str, Any] | None, now: datetime, placing: Placing | None = None,
+) -> InsufficientCredits | CreditsExpired | LotsDue | LowerHoldDue | HoldDueMoved:
     """Why a condition failed, from the item as it was (ReturnValuesOnConditionCheckFailure=ALL_OLD)."""
     old = old or {}
     next_expiry = old.get("nextExp", {}).get("S")
     if next_expiry is not None and next_expiry <= _time(now):
         return LotsDue(f"a lot of {old.get('offerGroup', {}).get('S')!r} is due")
+    hold_due = old.get(holds.HOLD_DUE, {}).get("S")
+    if hold_due is not None and hold_due <= _time(now):
+        return LotsDue(f"a hold of {old.get('offerGroup', {}).get('S')!r} is due")
+    if placing is not None:
+        if len(old.get(holds.PENDING, {}).get("SS", [])) >= holds.MAX_PENDING:
+            return LotsDue("holds wait for the book")
+        if placing.ref.attribute in old:
+            # Only a keyed hold whose record expired and whose old hold is still there: rare, retry.
+            return LotsDue(f"hold {placing.ref.hold_id!r} is still on the item")
+        if hold_due is not None and hold_due > _time(placing.expires_at) and not placing.lower_due:
+            return LowerHoldDue(placing.ref.hold_id)
+        if placing.lower_due and (hold_due is None or hold_due <= _time(placing.expires_at)):
+            return HoldDueMoved(placing.ref.hold_id)
     balance = int(old["balance"]["N"]) if "balance" in old else 0
     expires = old.get("expiresAt", {}).get("S")
     if expires is not None and expires <= _time(now):
@@ -229,25 +290,30 @@ def _refusal(old: Mapping[str, Any] | None, now: datetime) -> InsufficientCredit
 
 def _replayed(
     user_id: str, offer_group: str, tokens: int, keyed: KeyedRequest, old: Mapping[str, Any] | None,
+    placing: Placing | None = None,
 ) -> StoredResponse | None:
     """The answer of this key's debit when the item carries its marker (the debit already happened)."""
     balance_marker, expiry_marker = marker_names(keyed)
     if not old or balance_marker not in old:
         return None
-    body = receipt(user_id, offer_group, tokens, int(old[balance_marker]["N"]), _expiry(old.get(expiry_marker)))
-    return StoredResponse(200, body)
+    balance, expires = int(old[balance_marker]["N"]), _expiry(old.get(expiry_marker))
+    if placing is not None:
+        assert expires is not None
+        return StoredResponse(201, hold_receipt(user_id, placing.ref, balance, expires))
+    return StoredResponse(200, receipt(user_id, offer_group, tokens, balance, expires))
 
 
 def debit(
     user_id: str, offer_group: str, tokens: int, max_overdraft: int, now: datetime,
-    keyed: KeyedRequest | None = None, *, unfinished: bool = False,
+    keyed: KeyedRequest | None = None, *, unfinished: bool = False, placing: Placing | None = None,
 ) -> Debit | StoredResponse:
     """Take `tokens` (one UpdateItem); a keyed debit whose marker is already there replays its answer.
 
     `unfinished`: the key's record was found `in_progress` (not claimed by this request), so the
-    update goes in a transaction with a check that the record is still unfinished.
+    update goes in a transaction with a check that the record is still unfinished. `placing`: the
+    debit places that hold.
     """
-    request = _debit_update(user_id, offer_group, tokens, max_overdraft, now, keyed)
+    request = _debit_update(user_id, offer_group, tokens, max_overdraft, now, keyed, placing)
 
     def decide() -> dict[str, Any]:
         try:
@@ -256,9 +322,9 @@ def debit(
         except ClientError as error:
             if _error_code(error) == "ConditionalCheckFailedException":
                 old: Any = error.response.get("Item")
-                if keyed is not None and (replay := _replayed(user_id, offer_group, tokens, keyed, old)):
+                if keyed is not None and (replay := _replayed(user_id, offer_group, tokens, keyed, old, placing)):
                     raise _Replay(replay) from error
-                raise _refusal(old, now) from error
+                raise _refusal(old, now, placing) from error
             if _conflict(error):
                 raise StaleRead(_error_code(error)) from error
             raise
@@ -283,9 +349,9 @@ def debit(
                 raise KeyFinished(keyed.record_key) from error
             if reasons[1].get("Code") == "ConditionalCheckFailed":
                 old = reasons[1].get("Item")
-                if replay := _replayed(user_id, offer_group, tokens, keyed, old):
+                if replay := _replayed(user_id, offer_group, tokens, keyed, old, placing):
                     raise _Replay(replay) from error
-                raise _refusal(old, now) from error
+                raise _refusal(old, now, placing) from error
             raise
         # The transaction returns nothing: the marker it set holds this debit's answer, unless the stream
         # has already completed the record (and removed the marker): then the record holds it.
@@ -300,7 +366,7 @@ def debit(
                           metric="ConsumeRetries")
     except _Replay as replay:
         return replay.response
-    return Debit(user_id, offer_group, tokens, int(item["balance"]["N"]), _expiry(item.get("expiresAt")))
+    return Debit(user_id, offer_group, tokens, int(item["balance"]["N"]), _expiry(item.get("expiresAt")), placing)
 
 
 class _Replay(Exception):
@@ -352,9 +418,11 @@ def claim(keyed: KeyedRequest, now: datetime) -> Claim:
     return Claim(fresh=True)
 
 
-def marked(user_id: str, offer_group: str, tokens: int, keyed: KeyedRequest) -> StoredResponse | None:
+def marked(
+    user_id: str, offer_group: str, tokens: int, keyed: KeyedRequest, placing: Placing | None = None,
+) -> StoredResponse | None:
     """The answer of this key's debit if the balance item carries its marker (one consistent GetItem)."""
-    return _replayed(user_id, offer_group, tokens, keyed, _balance_item(user_id, offer_group))
+    return _replayed(user_id, offer_group, tokens, keyed, _balance_item(user_id, offer_group), placing)
 
 
 def release(keyed: KeyedRequest) -> None:

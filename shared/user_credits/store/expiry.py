@@ -25,7 +25,7 @@ from typing import Any
 from pynamodb.exceptions import UpdateError
 
 from user_credits.domain.clock import from_iso
-from user_credits.store.balances import due_shards
+from user_credits.store.due import due_shards
 from user_credits.store.models import BalanceRecord, SweepProgressRecord
 
 SWEEP_USER = "#sweep"

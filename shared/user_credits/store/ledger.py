@@ -27,6 +27,7 @@ def ledger_record(entry: LedgerEntry) -> LedgerRecord:
         shortfall=entry.shortfall,
         note=entry.note,
         lotId=entry.lot_id,
+        holdId=entry.hold_id,
     )
 
 
@@ -55,6 +56,7 @@ def to_entry(record: LedgerRecord) -> LedgerEntry:
         shortfall=int(record.shortfall) if record.shortfall is not None else None,
         note=record.note,
         lot_id=record.lotId,
+        hold_id=record.holdId,
     )
 
 

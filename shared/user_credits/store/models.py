@@ -174,6 +174,8 @@ class LedgerRecord(Model):
     note = UnicodeAttribute(null=True)
     # The lot the change concerns, where it concerns one.
     lotId = UnicodeAttribute(null=True)
+    # The hold it came from (reasons hold, release, and a settle's excess consume).
+    holdId = UnicodeAttribute(null=True)
 
 
 class IdempotencyRecord(Model):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,12 @@ from user_credits.domain.changes import Change, Event
 from user_credits.domain.clock import utc_now
 from user_credits.domain.orders import Order
 from user_credits.store.models import ORDER_PREFIX, OrderRecord, order_sk
+
+
+def orders_among(items: Sequence[Mapping[str, Any]]) -> list[Order]:
+    """The orders among raw items of a user's partition."""
+    return [to_order(OrderRecord.from_raw_data(dict(item))) for item in items
+            if item.get("itemType", {}).get("S") == "order"]
 
 
 def to_order(record: OrderRecord) -> Order:
