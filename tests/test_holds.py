@@ -227,3 +227,30 @@ def test_a_hold_counts_for_low_balance_like_a_consume(service: Any, ids: Any, ev
     hold(service, user, group, 60)
     [low] = [e for e in events.of_type("CreditsLow") if e["userId"] == user]
     assert low["balance"] == 40 and low["offerGroup"] == group
+
+
+def test_a_rewrite_that_read_before_a_settle_returning_nothing_reads_again(
+        service: Any, ids: Any, balanced: Any, monkeypatch: Any) -> None:
+    """Such a settle changes no seq; the rewrite's guard still sees it (the item's count of hold writes)."""
+    import user_credits.logic.grants as grants_logic
+
+    user, group = ids("u"), ids("g")
+    first = grant(service, user, group, 10, priority=10).body["lotId"]
+    hold_id = hold(service, user, group, 4).body["holdId"]
+    real_read = grants_logic.read_group
+    raced: list[int] = []
+
+    def read_then_settle(*args: Any) -> Any:
+        state = real_read(*args)
+        if not raced:
+            raced.append(settle(service, user, hold_id, 4).status)
+        return state
+
+    monkeypatch.setattr(grants_logic, "read_group", read_then_settle)
+    second = grant(service, user, group, 5, priority=20).body["lotId"]
+    monkeypatch.setattr(grants_logic, "read_group", real_read)
+    assert raced == [200]
+    assert lots(service, user, group) == [(first, 6), (second, 5)]
+    # The same call again answers with the first outcome (the balance then).
+    assert settle(service, user, hold_id, 4).body["balance"] == 6
+    balanced(user)

@@ -50,6 +50,8 @@ class GroupState:
     # The holds on the balance item (open, and closed but not yet folded into the book).
     holds: tuple[hold_items.ItemHold, ...] = ()
     stored_hold_due: datetime | None = None
+    # The item's count of hold writes (None: never a hold): part of the read-then-write guard.
+    hold_writes: int | None = None
 
     @property
     def expires_at(self) -> datetime | None:
@@ -82,6 +84,7 @@ def to_state(record: BalanceRecord, book: BookRecord | None, raw: Mapping[str, A
         book_version=int(record.bookVer or 0),
         holds=holds,
         stored_hold_due=hold_items.hold_due(raw) if raw is not None else None,
+        hold_writes=hold_items.hold_writes(raw) if raw is not None else None,
     )
 
 
@@ -239,7 +242,14 @@ def stage_group_change(
         *_hold_actions(before, book, closed),
     ]
     # The read-then-write guard: nothing (a consume, another purchase) changed the group since `before`.
-    guard = BalanceRecord.seq == before.seq if before.exists else BalanceRecord.sk.does_not_exist()
+    # A hold written since (even one that changed no seq: a settle that returns nothing) fails it too.
+    writes = Path(hold_items.HOLD_WRITES)
+    if not before.exists:
+        guard = BalanceRecord.sk.does_not_exist()
+    elif before.hold_writes is None:
+        guard = (BalanceRecord.seq == before.seq) & writes.does_not_exist()
+    else:
+        guard = (BalanceRecord.seq == before.seq) & (writes == {"N": str(before.hold_writes)})
     tx.update(key, actions=actions, condition=guard)
     # No condition of its own: the balance's guard covers both items of the group.
     tx.save(BookRecord(before.user_id, book_sk(before.offer_group), offerGroup=before.offer_group,

@@ -8,7 +8,9 @@ that one item (no transaction, like a consume):
   close (`cq`, `cb`). `lx`: the soonest expiry among the lots it took from, once a rewrite knows them.
 - `hq_<rid>`, `hb_<rid>`: the item's `seq` and `balance` just before the hold was placed (set from the
   old item by the same UpdateItem, so they are exact).
-- `hs`: the ids of the holds with an event not yet in the book; `holdDue`: no hold expires before it.
+- `hs`: the ids of the holds with an event not yet in the book; `holdDue`: no hold expires before it;
+  `hv`: counts hold writes, so a rewrite also fails when a hold changed since it read (a settle that
+  returns nothing changes no `seq`).
 
 Those stamps are what `domain.lots.replay` needs to know which lots each hold took and got back. The
 next rewrite of the group (a purchase, grant, refund, expiry, or one forced here) stores the result in
@@ -41,7 +43,7 @@ from user_credits.store.transactions import StaleRead
 
 HOLD_ROUTE: Final = "hold"
 PREFIX, OPEN_SEQ, OPEN_BALANCE = "h_", "hq_", "hb_"
-PENDING, HOLD_DUE = "hs", "holdDue"
+PENDING, HOLD_DUE, HOLD_WRITES = "hs", "holdDue", "hv"
 # Holds with an event not yet in the book, at most: the next hold write forces a rewrite first.
 MAX_PENDING: Final = 16
 # Errors that guarantee nothing was applied: retried by the one loop (`transactions.optimistic`).
@@ -135,6 +137,10 @@ def _number(value: Mapping[str, Any] | None) -> int | None:
     return int(value["N"]) if value and "N" in value else None
 
 
+def hold_writes(item: Mapping[str, Any]) -> int | None:
+    return _number(item.get(HOLD_WRITES))
+
+
 def hold_due(item: Mapping[str, Any]) -> datetime | None:
     text = item.get(HOLD_DUE, {}).get("S")
     return _parse(text) if text else None
@@ -176,19 +182,19 @@ def placing_clauses(ref: HoldRef, expires_at: datetime, now: datetime, lower_due
     clauses, a condition, names, values. `lower_due`: a hold that expires before the item's `holdDue`
     lowers it (a second attempt, see `logic.holds`)."""
     names = {"#h": ref.attribute, "#hq": OPEN_SEQ + ref.rid, "#hb": OPEN_BALANCE + ref.rid, "#hs": PENDING,
-             "#hd": HOLD_DUE}
+             "#hd": HOLD_DUE, "#hv": HOLD_WRITES}
     values: dict[str, Any] = {
         ":hold": {"M": {"id": {"S": ref.hold_id}, "n": {"N": str(ref.tokens)}, "exp": {"S": stamp(expires_at)},
                         "at": {"S": stamp(now)}}},
         ":hid": {"SS": [ref.rid]}, ":hexp": {"S": stamp(expires_at)}, ":hmax": {"N": str(MAX_PENDING)},
-        ":hnow": {"S": stamp(now)},
+        ":hnow": {"S": stamp(now)}, ":hone": {"N": "1"},
     }
     # The right-hand sides read the old item: the stamps are the seq and balance just before this write.
     sets = ("#h = :hold, #hq = if_not_exists(#s, :z), #hb = if_not_exists(#b, :z), "
             + ("#hd = :hexp" if lower_due else "#hd = if_not_exists(#hd, :hexp)"))
     due = "#hd > :hexp AND #hd > :hnow" if lower_due else "attribute_not_exists(#hd) OR (#hd > :hnow AND #hd <= :hexp)"
     condition = f"attribute_not_exists(#h) AND ({due}) AND (attribute_not_exists(#hs) OR size(#hs) < :hmax)"
-    return sets, "#hs :hid", condition, names, values
+    return sets, "#hs :hid, #hv :hone", condition, names, values
 
 
 # ----------------------------------------------------------------------------- closing
@@ -235,16 +241,16 @@ def close_update(closing: Closing, now: datetime, table: str, key: Mapping[str, 
     delta = sum(m.delta for m in movements)
     names = {"#b": "balance", "#s": "seq", "#c": "change", "#u": "updatedAt", "#h": closing.ref.attribute,
              "#st": "st", "#t": "t", "#r": "r", "#cq": "cq", "#cb": "cb", "#n": "n", "#lx": "lx", "#ne": "nextExp",
-             "#hd": HOLD_DUE, "#hs": PENDING}
+             "#hd": HOLD_DUE, "#hs": PENDING, "#hv": HOLD_WRITES}
     values: dict[str, Any] = {
         ":d": {"N": str(abs(delta))}, ":k": {"N": str(len(movements))}, ":change": {"S": change.to_json()},
         ":now": {"S": stamp(now)}, ":st": {"S": closing.status},
         ":t": {"N": str(closing.settled)}, ":r": {"N": str(closing.returned)}, ":n": {"N": str(closing.ref.tokens)},
-        ":hid": {"SS": [closing.ref.rid]}, ":hmax": {"N": str(MAX_PENDING)},
+        ":hid": {"SS": [closing.ref.rid]}, ":hmax": {"N": str(MAX_PENDING)}, ":one": {"N": "1"},
     }
     sign = "-" if delta < 0 else "+"
     expression = (f"SET #b = #b {sign} :d, #s = #s + :k, #c = :change, #u = :now, #h.#st = :st, #h.#t = :t, "
-                  "#h.#r = :r, #h.#cq = #s, #h.#cb = #b ADD #hs :hid")
+                  "#h.#r = :r, #h.#cq = #s, #h.#cb = #b ADD #hs :hid, #hv :one")
     condition = ("attribute_exists(#h) AND attribute_not_exists(#h.#st) AND #h.#n = :n"
                  " AND (attribute_not_exists(#h.#lx) OR #h.#lx > :now)"
                  " AND (attribute_not_exists(#ne) OR #ne > :now)"
@@ -303,7 +309,7 @@ def close(closing: Closing, now: datetime, key: Mapping[str, Any]) -> int:
     request = close_update(closing, now, BalanceRecord.Meta.table_name, key)
     client: Any = BalanceRecord._get_connection().connection.client
     try:
-        response = client.update_item(**request, ReturnValues="UPDATED_NEW",
+        response = client.update_item(**request, ReturnValues="ALL_NEW",
                                       ReturnValuesOnConditionCheckFailure="ALL_OLD")
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code")
