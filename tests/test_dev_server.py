@@ -195,12 +195,26 @@ def test_walkthrough_runs_over_http_and_a_restart_keeps_the_data(own_server: Dev
     check = dev_server.cli("check", user)
     assert check.returncode == 0, check.stdout + check.stderr
 
-    # 7. Stop, start again on the same data directory: everything is still there.
+    # 7. Reserve 500 for a model call, settle at the real cost, 320 (the CLI, as the README shows).
+    assert dev_server.cli("grant", user, "ai-tokens", "1000", "--reason", "launch").returncode == 0
+    placed = dev_server.cli("hold", user, "ai-tokens", "500", "--ttl", "600")
+    assert placed.returncode == 0, placed.stderr
+    held = json.loads(placed.stdout)
+    assert (held["tokens"], held["balance"]) == (500, 575)
+    settled = dev_server.cli("settle", user, held["holdId"], "320")
+    assert settled.returncode == 0, settled.stderr
+    assert json.loads(settled.stdout) == {"holdId": held["holdId"], "settled": 320, "released": 180,
+                                          "balance": 755, "status": "settled"}
+    after_hold = dev_server.cli("ledger", user, "--group", "ai-tokens", "--limit", "2")
+    assert [(e["reason"], e["delta"]) for e in json.loads(after_hold.stdout)["items"]] == [
+        ("release", 180), ("hold", -500)]
+
+    # 8. Stop, start again on the same data directory: everything is still there.
     dev_server.stop()
     dev_server.start()
     again = requests.get(f"{base.rsplit(':', 1)[0]}:{dev_server.port}/credits", headers=auth(user), timeout=10)
     assert again.status_code == 200
-    assert {g["offerGroup"]: g["balance"] for g in again.json()["groups"]} == {"ai-tokens": 75}
+    assert {g["offerGroup"]: g["balance"] for g in again.json()["groups"]} == {"ai-tokens": 755}
     assert [o["orderId"] for o in again.json()["orders"]] == [order["orderId"]]
 
 
