@@ -108,6 +108,13 @@ class IdempotencyKeyReused(CreditsError):
     code = "idempotency_key_reused"
 
 
+class PurchaseLimitReached(CreditsError):
+    """The user already has `perUserLimit` orders of this offer pending, paid or partially refunded."""
+
+    http_status = 409
+    code = "purchase_limit_reached"
+
+
 class HoldNotFound(CreditsError):
     http_status = 404
     code = "hold_not_found"

@@ -53,6 +53,8 @@ class OfferOut(Described):
     combinedItems: list[CombinedItemOut]
     active: bool
     priority: int
+    perUserLimit: int | None
+    billing: Literal["one_time", "recurring"]
 
 
 class VisibleOfferOut(OfferOut):

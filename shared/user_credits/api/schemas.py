@@ -55,6 +55,15 @@ class OfferIn(StrictModel):
     combinedItems: Annotated[list[CombinedItemIn], Field(max_length=20)] = []
     active: bool = True
     priority: Annotated[int, Field(ge=0, le=100)] = 50
+    perUserLimit: Positive | None = None
+    billing: Literal["one_time", "recurring"] = "one_time"
+
+    @model_validator(mode="after")
+    def _recurring_needs_a_calendar_cycle(self) -> OfferIn:
+        # SPEC 1: a Stripe subscription renews every cycle, which `once` and `custom` are not.
+        if self.billing == "recurring" and self.cycle in ("once", "custom"):
+            raise ValueError(f"billing recurring needs a cycle other than once and custom, not {self.cycle}")
+        return self
 
     @model_validator(mode="after")
     def _custom_cycle_needs_seconds(self) -> OfferIn:

@@ -38,6 +38,10 @@ class Offer:
     active: bool = True
     # SPEC 1: lots of this offer are spent before lots of a higher number.
     priority: int = 50
+    # SPEC 2.11: how many of its orders one user may have that are pending, paid or partially refunded.
+    per_user_limit: int | None = None
+    # SPEC 1: `one_time`, or `recurring` (a Stripe subscription renewed every cycle).
+    billing: str = "one_time"
 
     @property
     def is_public(self) -> bool:
@@ -64,6 +68,8 @@ class Offer:
             "combinedItems": [item.to_json() for item in self.combined_items],
             "active": self.active,
             "priority": self.priority,
+            "perUserLimit": self.per_user_limit,
+            "billing": self.billing,
         }
 
     @classmethod
@@ -90,6 +96,8 @@ class Offer:
             ),
             active=bool(data.get("active", True)),
             priority=int(data.get("priority", 50)),
+            per_user_limit=data.get("perUserLimit"),
+            billing=data.get("billing", "one_time"),
         )
 
 

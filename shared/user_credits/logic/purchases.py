@@ -43,8 +43,10 @@ from user_credits.errors import (
     OfferLocked,
     OfferNotFound,
     OrderNotFound,
+    PurchaseLimitReached,
     QuantityLimitExceeded,
     ServiceBusy,
+    ValidationFailed,
 )
 from user_credits.observability import count, logger
 from user_credits.payments import gateway, secrets
@@ -91,6 +93,24 @@ def _item_offers(offer: Offer) -> dict[str, Offer]:
     return items
 
 
+# SPEC 1: the orders that count against an offer's perUserLimit.
+LIMITED_STATUSES: Final = frozenset({"pending", "paid", "partially_refunded"})
+
+
+def check_purchase_limit(user_id: str, offer: Offer) -> order_store.LimitLock | None:
+    """SPEC 2.11, before anything is written or Stripe is called: 409 when the user already has
+    `perUserLimit` orders of the offer that count. The lock returned goes into the order's transaction,
+    so of two orders created at once only one commits (the other re-checks, or answers 503)."""
+    if offer.per_user_limit is None:
+        return None
+    lock = order_store.read_limit_lock(user_id, offer.offer_id)
+    counted = sum(1 for order in order_store.list_orders(user_id, consistent=True)
+                  if order.offer_id == offer.offer_id and order.status in LIMITED_STATUSES)
+    if counted >= offer.per_user_limit:
+        raise PurchaseLimitReached(f"at most {offer.per_user_limit} order(s) of {offer.offer_id!r} per user")
+    return lock
+
+
 def _orderable_offer(user_id: str, request: OrderRequest, now: datetime) -> tuple[Offer, str]:
     """SPEC 2.3's checks, all before any write or Stripe call; returns the offer and the currency."""
     offer = offer_store.load_offer(request.offer_id)
@@ -106,6 +126,8 @@ def _orderable_offer(user_id: str, request: OrderRequest, now: datetime) -> tupl
     currency = request.currency or load_settings().default_currency
     if currency not in offer.prices:
         raise CurrencyNotSupported(f"{offer.offer_id!r} has no price in {currency!r}")
+    if offer.billing == "recurring":
+        raise ValidationFailed(f"{offer.offer_id!r} is a subscription: it is bought with POST /checkout")
     return offer, currency
 
 
@@ -140,7 +162,8 @@ def create_order(
     )
     snapshot = _snapshot(offer, items, lines)
     if order.amount == 0:
-        return _create_free_order(order, lines, snapshot, record_key, body_hash)
+        return _create_free_order(order, offer, lines, snapshot, record_key, body_hash)
+    lock = check_purchase_limit(user_id, offer)
     intent = gateway.create_payment_intent(
         order_id=order.order_id, user_id=user_id, amount=order.amount, currency=currency
     )
@@ -150,13 +173,16 @@ def create_order(
 
     def build(tx: TransactWrite) -> None:
         order_store.stage_new_order(tx, record)
+        if lock is not None:
+            order_store.stage_limit_lock(tx, lock)
         if record_key is not None and body_hash is not None:
             idempotency.stage_record(tx, record_key, body_hash, 201, response, now)
 
     try:
         commit(build)
     except StaleRead:
-        # Only a request with the same key can collide on a derived order id: answer what it answered.
+        # A request with the same key collides on the derived order id: answer what it answered. Else
+        # a concurrent order of a limited offer won the lock: retry (it then counts that order).
         return _replay_or_busy(record_key, body_hash)
     return 201, response
 
@@ -170,7 +196,7 @@ def _replay_or_busy(record_key: str | None, body_hash: str | None) -> tuple[int,
 
 
 def _create_free_order(
-    order: Order, lines: Sequence[CreditTerms], snapshot: dict[str, Any], record_key: str | None,
+    order: Order, offer: Offer, lines: Sequence[CreditTerms], snapshot: dict[str, Any], record_key: str | None,
     body_hash: str | None,
 ) -> tuple[int, dict[str, Any]]:
     """An order of amount 0 is stored paid and credited in the same transaction as the webhook would."""
@@ -181,6 +207,7 @@ def _create_free_order(
             if stored is not None:
                 return stored.status_code, stored.body
         now = utc_now()
+        lock = check_purchase_limit(order.user_id, offer)
         plan = plan_credit(order.user_id, order.order_id, lines, now)
         paid = plan.paid_order(order)
         response = {"order": paid.to_json()}
@@ -188,6 +215,8 @@ def _create_free_order(
 
         def build(tx: TransactWrite) -> None:
             order_store.stage_new_order(tx, record)
+            if lock is not None:
+                order_store.stage_limit_lock(tx, lock)
             plan.stage(tx, order.user_id, order.order_id, now)
             if record_key is not None and body_hash is not None:
                 idempotency.stage_record(tx, record_key, body_hash, 201, response, now)

@@ -29,6 +29,7 @@ from user_credits.config import Settings
 GROUP_PREFIX = "GROUP#"
 BOOK_PREFIX = "BOOK#"
 ORDER_PREFIX = "ORDER#"
+LIMIT_PREFIX = "LIMIT#"
 
 
 class OfferRecord(Model):
@@ -140,6 +141,14 @@ class OrderRecord(AccountItem, discriminator="order"):
     byPaymentIntent = PaymentIntentIndex()
 
 
+class PurchaseLimitRecord(AccountItem, discriminator="limit"):
+    """One per user and offer with a `perUserLimit` (`LIMIT#<offerId>`): every order of that offer is
+    created in a transaction that bumps `ver` from the value read, so two orders created at once cannot
+    both pass the count of the user's orders (the loser counts again)."""
+
+    ver = NumberAttribute()
+
+
 class SweepProgressRecord(AccountItem, discriminator="sweep"):
     """The expiry sweep's stored position (one item, userId "#sweep"; see store.expiry). Declared here so
     that every reader of the accounts table knows its discriminator."""
@@ -205,13 +214,14 @@ def bind_tables(settings: Settings) -> None:
     if _bound == names:
         return
     OfferRecord.Meta.table_name = settings.offers_table
-    for account_model in (AccountItem, BalanceRecord, BookRecord, OrderRecord, SweepProgressRecord):
+    for account_model in (AccountItem, BalanceRecord, BookRecord, OrderRecord, PurchaseLimitRecord,
+                          SweepProgressRecord):
         account_model.Meta.table_name = settings.accounts_table
     LedgerRecord.Meta.table_name = settings.ledger_table
     IdempotencyRecord.Meta.table_name = settings.idempotency_table
     models: tuple[type[Model], ...] = (
-        OfferRecord, AccountItem, BalanceRecord, BookRecord, OrderRecord, SweepProgressRecord, LedgerRecord,
-        IdempotencyRecord,
+        OfferRecord, AccountItem, BalanceRecord, BookRecord, OrderRecord, PurchaseLimitRecord, SweepProgressRecord,
+        LedgerRecord, IdempotencyRecord,
     )
     for model in models:
         # A cached connection keeps the old table name (and the old endpoint).

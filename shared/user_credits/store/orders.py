@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pynamodb.expressions.operand import Path
 from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
 from user_credits.domain.changes import Change, Event
 from user_credits.domain.clock import utc_now
 from user_credits.domain.orders import Order
-from user_credits.store.models import ORDER_PREFIX, OrderRecord, order_sk
+from user_credits.store.models import LIMIT_PREFIX, ORDER_PREFIX, OrderRecord, PurchaseLimitRecord, order_sk
 
 
 def orders_among(items: Sequence[Mapping[str, Any]]) -> list[Order]:
@@ -40,9 +42,34 @@ def to_order(record: OrderRecord) -> Order:
     )
 
 
-def list_orders(user_id: str) -> list[Order]:
-    records = OrderRecord.query(user_id, OrderRecord.sk.startswith(ORDER_PREFIX))
+def list_orders(user_id: str, *, consistent: bool = False) -> list[Order]:
+    records = OrderRecord.query(user_id, OrderRecord.sk.startswith(ORDER_PREFIX), consistent_read=consistent)
     return [to_order(r) for r in records if isinstance(r, OrderRecord)]
+
+
+@dataclass(frozen=True)
+class LimitLock:
+    """The user's `LIMIT#<offerId>` item as read: its version (None: no order of the offer yet)."""
+
+    user_id: str
+    offer_id: str
+    version: int | None
+
+
+def read_limit_lock(user_id: str, offer_id: str) -> LimitLock:
+    try:
+        record = PurchaseLimitRecord.get(user_id, LIMIT_PREFIX + offer_id, consistent_read=True)
+    except PurchaseLimitRecord.DoesNotExist:
+        return LimitLock(user_id, offer_id, None)
+    return LimitLock(user_id, offer_id, int(record.ver))
+
+
+def stage_limit_lock(tx: TransactWrite, lock: LimitLock) -> None:
+    """Bump the lock from the version read: a concurrent order of the same offer fails this transaction."""
+    field = PurchaseLimitRecord.ver
+    condition = field.does_not_exist() if lock.version is None else field == lock.version
+    tx.update(PurchaseLimitRecord(lock.user_id, LIMIT_PREFIX + lock.offer_id),
+              actions=[Path("itemType").set("limit"), field.set((lock.version or 0) + 1)], condition=condition)
 
 
 def read_order(user_id: str, order_id: str) -> OrderRecord | None:
