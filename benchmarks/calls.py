@@ -218,6 +218,56 @@ def _setup(b: Bench) -> None:
         _succeeded(b, "odd-order", amount_received=1)
         _succeeded(b, "failed-order", event_type="payment_intent.payment_failed")
         _succeeded(b, "sig-order")
+    if function_ready("holds") and function_ready("admin_grants"):
+        _setup_holds(b)
+
+
+def max_pending() -> int:
+    """Holds with an event not yet in the book, at most, before a hold write forces a rewrite of the group."""
+    try:
+        from user_credits.store.holds import MAX_PENDING
+    except ImportError:
+        return 16
+    return int(MAX_PENDING)
+
+
+def _setup_holds(b: Bench) -> None:
+    """Groups for the hold scenarios (not counted): `holdgroup` with holds to settle and release; `foldgroup`
+    with MAX_PENDING - 1 pairs done and one more hold placed (its settle is the one that must fold the
+    holds into the book); `fullgroup` with MAX_PENDING holds open (the next hold must fold them first)."""
+    s, user = b.service, b.id("user")
+    for group in ("holdgroup", "foldgroup", "fullgroup"):
+        s.call("POST", f"/admin/users/{user}/grants", {"offerGroup": b.id(group), "tokens": 1_000}, iam=True)
+    for name in ("settle-hold", "excess-hold", "release-hold"):
+        b.ids[name] = _placed(_hold(b, "holdgroup", 5))
+    for number in range(max_pending() - 1):
+        hold_id = _placed(_hold(b, "foldgroup", 2))
+        if number == 0:
+            b.ids["folded-hold"] = hold_id
+        _settle(b, hold_id, 1)
+    b.ids["fold-hold"] = _placed(_hold(b, "foldgroup", 2))
+    for _ in range(max_pending()):
+        _placed(_hold(b, "fullgroup", 2))
+
+
+def _placed(reply: Reply) -> str:
+    if reply.status != 201:
+        raise RuntimeError(f"a hold for the hold scenarios answered {reply.status}: {reply.body}")
+    return str(reply.body["holdId"])
+
+
+def _hold(b: Bench, group: str, tokens: int, key: str | None = None) -> Reply:
+    headers = {"Idempotency-Key": key} if key else None
+    return b.service.call("POST", f"/users/{b.id('user')}/holds", {"offerGroup": b.id(group), "tokens": tokens},
+                          iam=True, headers=headers)
+
+
+def _settle(b: Bench, hold_id: str, tokens: int) -> Reply:
+    return b.service.call("POST", f"/users/{b.id('user')}/holds/{hold_id}/settle", {"tokens": tokens}, iam=True)
+
+
+def _release(b: Bench, hold_id: str) -> Reply:
+    return b.service.call("POST", f"/users/{b.id('user')}/holds/{hold_id}/release", iam=True)
 
 
 def _write_expired_group(user_id: str, group: str) -> None:
@@ -399,6 +449,49 @@ def scenarios() -> list[Scenario]:
                                           {"offerGroup": b.id(g), "tokens": 50}, iam=True), 201),
         Scenario("POST /admin/users/{userId}/grants", "Idempotency-Key replay", "admin_grants",
                  _grant_twice, 201),
+        *hold_scenarios(),
+    ]
+
+
+HOLD, SETTLE, RELEASE = ("POST /users/{userId}/holds", "POST /users/{userId}/holds/{holdId}/settle",
+                         "POST /users/{userId}/holds/{holdId}/release")
+HOLD_ROUTES = (HOLD, SETTLE, RELEASE)
+HOLD_TARGET = "<= 2 calls, no transaction"
+
+
+def hold_scenarios() -> list[Scenario]:
+    """Issue 12: a hold and its settle each at most 2 DynamoDB calls, never a transaction that includes the
+    balance item. The last three cases are the ones a group reaches after MAX_PENDING holds: the write that
+    would make it MAX_PENDING + 1 pending holds rewrites the group first (a transaction with the balance item)."""
+    limit = _no_transaction_within(2)
+    pending = max_pending()
+    return [
+        Scenario(HOLD, "unkeyed", "holds", lambda b: _hold(b, "holdgroup", 2), 201, HOLD_TARGET, limit),
+        Scenario(HOLD, "Idempotency-Key first", "holds", lambda b: _hold(b, "holdgroup", 2, key=b.id("hold-key")),
+                 201, HOLD_TARGET, limit),
+        Scenario(HOLD, "Idempotency-Key replay", "holds", lambda b: _hold(b, "holdgroup", 2, key=b.id("hold-key")),
+                 201, HOLD_TARGET, limit),
+        Scenario(HOLD, "insufficient (402)", "holds", lambda b: _hold(b, "holdgroup", 1_000_000), 402, HOLD_TARGET,
+                 limit),
+        Scenario(SETTLE, "below the hold (returns the rest)", "holds", lambda b: _settle(b, b.ids["settle-hold"], 3),
+                 200, HOLD_TARGET, limit),
+        Scenario(SETTLE, "same settle again (replay)", "holds", lambda b: _settle(b, b.ids["settle-hold"], 3), 200,
+                 HOLD_TARGET, limit),
+        Scenario(SETTLE, "other tokens on a settled hold (409)", "holds",
+                 lambda b: _settle(b, b.ids["settle-hold"], 4), 409, HOLD_TARGET, limit),
+        Scenario(SETTLE, "above the hold (consumes the excess)", "holds",
+                 lambda b: _settle(b, b.ids["excess-hold"], 8), 200, HOLD_TARGET, limit),
+        Scenario(SETTLE, "unknown hold (404)", "holds",
+                 lambda b: _settle(b, f"{'0' * 20}-5-{b.id('holdgroup')}", 5), 404, HOLD_TARGET, limit),
+        Scenario(RELEASE, "release", "holds", lambda b: _release(b, b.ids["release-hold"]), 200, HOLD_TARGET, limit),
+        Scenario(RELEASE, "release again (replay)", "holds", lambda b: _release(b, b.ids["release-hold"]), 200,
+                 HOLD_TARGET, limit),
+        Scenario(SETTLE, f"settle of the {pending}th hold since the group's last rewrite (forced rewrite)", "holds",
+                 lambda b: _settle(b, b.ids["fold-hold"], 1), 200, HOLD_TARGET, limit),
+        Scenario(SETTLE, "replay of a settle the rewrite folded out of the item (remembered outcome)", "holds",
+                 lambda b: _settle(b, b.ids["folded-hold"], 1), 200, HOLD_TARGET, limit),
+        Scenario(HOLD, f"with {pending} holds open (forced rewrite)", "holds", lambda b: _hold(b, "fullgroup", 2),
+                 201, HOLD_TARGET, limit),
     ]
 
 
@@ -635,6 +728,26 @@ def _ops(operations: dict[str, int]) -> str:
     return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in operations.items()) or "none"
 
 
+def hold_table(result: dict[str, Any]) -> str:
+    """Calls per hold, settle and release (issue 12): the request's, and the stream function's for it."""
+    rows = []
+    for r in result["rows"]:
+        if r.get("route") not in HOLD_ROUTES or not r.get("measured"):
+            continue
+        st = r["stream"]
+        verdict = "-" if r["target_met"] is None else ("met" if r["target_met"] else "**NOT MET**")
+        if not r["status_ok"]:
+            verdict += f" (status {r['status']}, expected {r['expected_status']})"
+        rows.append([r["route"].removeprefix("POST /users/{userId}/holds") or "POST .../holds", r["case"],
+                     r["status"], r["dynamodb_calls"], _ops(r["operations"]), r["transactions"],
+                     r["balance_transactions"], st["dynamodb_calls"], _ops(st["operations"]),
+                     st["balance_transactions"], r["dynamodb_calls"] + st["dynamodb_calls"], r["target"], verdict])
+    return markdown_table(
+        ["route", "case", "status", "request: calls", "request: ops", "request: transactions",
+         "request: tx incl. a balance item", "stream: calls", "stream: ops", "stream: tx incl. a balance item",
+         "calls in all", "target (request)", "met"], rows)
+
+
 def consume_table(result: dict[str, Any]) -> str:
     """Calls per consume: the request's, and the stream function's for the records it wrote."""
     rows = []
@@ -663,6 +776,13 @@ def markdown(result: dict[str, Any]) -> str:
         "with TransactionConflictException on AWS.",
         "",
         consume_table(result),
+        "",
+        "Calls per hold, settle and release (issue 12: each at most 2 DynamoDB calls and never a transaction that "
+        f"includes the balance item). A group's holds wait on its balance item until a rewrite folds them into the "
+        f"book; the write that would make more than {max_pending()} of them wait rewrites the group first: the "
+        f"last cases, reached once every {max_pending()} pairs of a balance with nothing else rewriting it.",
+        "",
+        hold_table(result),
         "",
         "Every route. Warm pass (the second of two with fresh ids). `ops` lists DynamoDB operations (`!Code` = "
         "the call failed with that error; DynamoDB Local reports no capacity for failed calls, although real "

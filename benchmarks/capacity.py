@@ -23,6 +23,10 @@ Per partition: one item lives in one partition, which takes at most 1,000 write 
 per-partition limit, whatever the billing mode). A consume writes to the user's partition of the Accounts
 table (the balance item) and to the user's partition of the Ledger table (its entry); each has its own
 1,000 WCU/s, so consumes/s on one balance = min over those partitions of 1,000 / (units it takes there).
+
+Holds (`hold_model`, issue 12) are priced the same way: a hold, a settle (the balance item then carries the
+hold's attributes, so it is larger), a keyed hold, a release, and the average pair over a whole cycle of
+MAX_PENDING pairs from one rewrite of the group to the next (the last settle forces it).
 """
 
 from __future__ import annotations
@@ -329,7 +333,7 @@ def model(service: Any, recorder: Any, stream: Any) -> dict[str, Any]:
     from datetime import UTC, datetime, timedelta
 
     from benchmarks import calls as calls_module
-    from benchmarks.common import new_id
+    from benchmarks.common import function_ready, new_id
 
     user = new_id("capacity")
     logical = {name: key for key, name in service.tables.items()}
@@ -371,8 +375,113 @@ def model(service: Any, recorder: Any, stream: Any) -> dict[str, Any]:
             results[name]["stream_records"] = drained.records
     finally:
         recorder.observer = None
+    holds = hold_model(service, recorder, stream, user) if function_ready("holds") else None
     return {"cases": results, "old_design": OLD_DESIGN, "partition_limit": PARTITION_WCU_PER_SECOND,
-            "tx_factor_local": calls_module._TX_FACTOR}
+            "tx_factor_local": calls_module._TX_FACTOR, "holds": holds}
+
+
+def hold_model(service: Any, recorder: Any, stream: Any, user: str) -> dict[str, Any]:
+    """Price a hold and a settle from their recorded calls (and the stream function's for them), with each
+    written item read back before and after: the balance item carries the hold (`h_<id>` and its stamps)
+    from the hold until a rewrite folds it into the book, so a settle writes a larger item than a consume.
+    Then a whole cycle of MAX_PENDING pairs on one group, from a rewrite to the next (the last settle
+    forces it: a transaction with the balance item): the average pair, and its largest balance item."""
+    from benchmarks import calls as calls_module
+    from benchmarks.common import new_id
+
+    pending = calls_module.max_pending()
+    logical = {name: key for key, name in service.tables.items()}
+    single, cycle = new_id("caphold"), new_id("capcycle")
+    for group in (single, cycle):
+        service.call("POST", f"/admin/users/{user}/grants", {"offerGroup": group, "tokens": 1000}, iam=True)
+    calls_module.drain_attributed(stream, recorder)
+    observer = ImageObserver()
+    results: dict[str, Any] = {}
+
+    def counted(send: Any) -> tuple[Any, list[Any], list[Any], int]:
+        recorder.take()
+        recorder.observer = observer
+        try:
+            reply = send()
+            request_calls = recorder.take()
+            drained, stream_calls = calls_module.drain_attributed(stream, recorder)
+        finally:
+            recorder.observer = None
+        return reply, request_calls, stream_calls, drained.records
+
+    def hold(group: str, tokens: int, key: str | None = None) -> Any:
+        headers = {"Idempotency-Key": key} if key else None
+        return service.call("POST", f"/users/{user}/holds", {"offerGroup": group, "tokens": tokens}, iam=True,
+                            headers=headers)
+
+    def settle(hold_id: str, tokens: int) -> Any:
+        return service.call("POST", f"/users/{user}/holds/{hold_id}/settle", {"tokens": tokens}, iam=True)
+
+    def release(hold_id: str) -> Any:
+        return service.call("POST", f"/users/{user}/holds/{hold_id}/release", iam=True)
+
+    reply, made, streamed, _ = counted(lambda: hold(single, 2))
+    results["hold"] = _price_case("hold (unkeyed, the group's first)", reply.status, made, streamed, observer, logical)
+    held = reply.body["holdId"]
+    reply, made, streamed, _ = counted(lambda: settle(held, 1))
+    results["settle"] = _price_case("settle of that hold (returns the rest)", reply.status, made, streamed, observer,
+                                    logical)
+    reply, made, streamed, _ = counted(lambda: hold(single, 2, new_id("holdkey")))
+    results["keyed_hold"] = _price_case("hold with an Idempotency-Key (first)", reply.status, made, streamed,
+                                        observer, logical)
+    keyed_hold = reply.body["holdId"]
+    reply, made, streamed, _ = counted(lambda: release(keyed_hold))
+    results["release"] = _price_case("release of that hold", reply.status, made, streamed, observer, logical)
+    # A whole cycle on a group nothing else rewrites: MAX_PENDING pairs, the last settle forcing the rewrite.
+    all_made: list[Any] = []
+    all_streamed: list[Any] = []
+    statuses: set[int] = set()
+    for number in range(pending):
+        reply, made, streamed, _ = counted(lambda: hold(cycle, 2))
+        statuses.add(reply.status)
+        held = reply.body["holdId"]
+        last_hold = (reply.status, made, streamed)
+        all_made += made
+        all_streamed += streamed
+        reply, made, streamed, _ = counted(lambda held=held: settle(held, 1))
+        statuses.add(reply.status)
+        all_made += made
+        all_streamed += streamed
+        if number == pending - 1:
+            results["fullest_hold"] = _price_case(
+                f"the {pending}th hold since the group's last rewrite ({pending - 1} closed holds on the item)",
+                last_hold[0], last_hold[1], last_hold[2], observer, logical)
+            results["forced_rewrite"] = _price_case(
+                f"its settle: {pending} holds waiting, the settle rewrites the group (forced rewrite)", reply.status,
+                made, streamed, observer, logical)
+    results["cycle_pair"] = _price_case(
+        f"one pair (hold 2, settle 1), average over a cycle of {pending} pairs from one rewrite to the next "
+        "(per second on paper: pairs/s)", "/".join(sorted(map(str, statuses))), all_made, all_streamed,
+        observer, logical, stream_share=1.0 / pending, request_share=1.0 / pending)
+    results["cycle_pair"]["calls_per_pair"] = len(all_made) / pending
+    results["cycle_pair"]["balance_item_bytes"] = max(
+        (max(t.get("size_before", 0), t.get("size_after", 0)) for c in all_made for t in _accounts_items(c, logical)),
+        default=None)
+    pair_partitions: dict[str, float] = {}
+    for name in ("hold", "settle"):
+        for part, value in results[name]["per_partition"].items():
+            pair_partitions[part] = pair_partitions.get(part, 0.0) + value
+    bounded = {p: u for p, u in pair_partitions.items() if "userId partition" in p and u > 0}
+    return {"cases": results, "max_pending": pending,
+            "pair_first": {"units": results["hold"]["units_total"] + results["settle"]["units_total"],
+                           "per_partition": pair_partitions,
+                           "pairs_per_second": min((PARTITION_WCU_PER_SECOND / u for u in bounded.values()),
+                                                   default=None)}}
+
+
+def _accounts_items(call: Any, logical: dict[str, str]) -> list[dict[str, int]]:
+    """The balance items (Accounts, `GROUP#...`) a recorded write call touched, with their sizes."""
+    found = []
+    for item in call.touched or []:
+        if logical.get(item.table) == "AccountsTable" and str(item.key.get("sk", {}).get("S", "")).startswith(
+                "GROUP#"):
+            found.append({"size_before": item_size(item.before), "size_after": item_size(item.after)})
+    return found
 
 
 LAG = 100
@@ -384,9 +493,11 @@ def _consume(service: Any, user: str, offer_group: str, key: str | None) -> Any:
                         headers=headers)
 
 
-def _price_case(label: str, status: int, request_calls: list[Any], stream_calls: list[Any], observer: ImageObserver,
-                logical: dict[str, str], *, stream_share: float = 1.0) -> dict[str, Any]:
-    """`stream_share`: the part of the stream's calls that is this consume's (1 / records drained)."""
+def _price_case(label: str, status: int | str, request_calls: list[Any], stream_calls: list[Any],
+                observer: ImageObserver, logical: dict[str, str], *, stream_share: float = 1.0,
+                request_share: float = 1.0) -> dict[str, Any]:
+    """`stream_share`: the part of the stream's calls that is this consume's (1 / records drained);
+    `request_share`: the same for the request calls (1 / requests, for an average over several)."""
     from benchmarks import calls as calls_module
 
     lines: list[dict[str, Any]] = []
@@ -397,7 +508,7 @@ def _price_case(label: str, status: int, request_calls: list[Any], stream_calls:
     index_keys = {k for info in observer.tables.values() for index in info.indexes for k in index.keys}
     consume_writes: list[str] = []
     for who, made in (("request", request_calls), ("stream", stream_calls)):
-        share = stream_share if who == "stream" else 1.0
+        share = stream_share if who == "stream" else request_share
         for call in made:
             factor = calls_module._TX_FACTOR if call.operation in calls_module.TRANSACTION_OPS else 1.0
             local[who] += (call.wcu or 0.0) / factor * share
@@ -419,6 +530,9 @@ def _price_case(label: str, status: int, request_calls: list[Any], stream_calls:
             if share == 1.0:  # a lagging drain's hundreds of calls are summed above, not listed
                 lines.append({"who": who, "operation": call.operation, "error": call.error, "units": priced.total,
                               "local_wcu": (call.wcu or 0.0) / factor, "items": priced.detail})
+    balance_sizes = [max(item["size_before"], item["size_after"]) for line in lines for item in line["items"]
+                     if item["table"] == "AccountsTable" and str(item["key"].get("sk", {}).get("S", "")).startswith(
+                         "GROUP#")]
     bounded = {p: u for p, u in per_partition.items() if "userId partition" in p and u > 0}
     per_second = min((PARTITION_WCU_PER_SECOND / u for u in bounded.values()), default=None)
     return {
@@ -430,6 +544,7 @@ def _price_case(label: str, status: int, request_calls: list[Any], stream_calls:
         "per_partition": per_partition, "consumes_per_second": per_second,
         "bounding_partition": min(bounded, key=lambda p: PARTITION_WCU_PER_SECOND / bounded[p]) if bounded else None,
         "consume_update_writes": consume_writes,
+        "balance_item_bytes": max(balance_sizes, default=None),
         "consume_update_writes_index_key": sorted(set(consume_writes) & index_keys),
         "index_keys": sorted(index_keys),
     }
@@ -490,4 +605,57 @@ def markdown(result: dict[str, Any]) -> str:
     out.append(markdown_table(["case", "by", "call", "items (before -> after, units)", "WCU (model)", "Local"],
                               detail))
     out += ["", result["old_design"]]
+    if result.get("holds"):
+        out += ["", hold_markdown(result["holds"], result["partition_limit"])]
+    return "\n".join(out)
+
+
+def hold_markdown(holds: dict[str, Any], limit: float) -> str:
+    """Write units of a hold and a settle (issue 12), priced as a consume is above."""
+    from benchmarks.common import markdown_table
+
+    cases = holds["cases"]
+    pair = holds["pair_first"]
+    out = [
+        "Write units of a hold and a settle (AWS prices, from the calls each made and the stream function's calls "
+        "for it, each written item read back before and after, as above). The balance item carries each hold "
+        "(`h_<id>`, its stamps `hq_`/`hb_`, the set `hs`) from the hold until a rewrite of the group folds it "
+        f"into the book; with nothing else rewriting the group, the write that would make more than "
+        f"{holds['max_pending']} holds wait rewrites it (a TransactWriteItems with the balance item), so a "
+        f"balance cycles through {holds['max_pending']} pairs per rewrite and the item grows along the way. "
+        "`per second on paper` = "
+        f"{limit:,.0f} WCU/s / the units in the busiest of the user's partitions (holds/s, settles/s; pairs/s for "
+        "the cycle's average pair). The stream was drained after every request (one record per batch, the most "
+        "stream writes a pair can cause: the stream function's UpdateItem of the hold's `byDue` entry runs once "
+        "per batch and group, and is charged even when its condition fails).",
+        "",
+    ]
+    rows = []
+    for case in cases.values():
+        parts = "; ".join(f"{p} {u:.3g}" for p, u in case["per_partition"].items())
+        calls = case.get("calls_per_pair")
+        rows.append([
+            case["label"], case["status"],
+            f"{calls:.2f} per pair" if calls is not None else f"{case['request_calls']} + {case['stream_calls']}",
+            f"{case['units_request']:.3g}", f"{case['units_stream']:.3g}", f"**{case['units_total']:.3g}**",
+            f"{case['local_request'] + case['local_stream']:.3g}", parts,
+            "-" if case["consumes_per_second"] is None else f"**{case['consumes_per_second']:,.0f}**",
+            "-" if case.get("balance_item_bytes") is None else f"{case['balance_item_bytes']:,} B",
+        ])
+    pairs = pair["pairs_per_second"]
+    rows.append(["hold + settle above (the group's first pair)", "-", "-", "-", "-", f"**{pair['units']:.3g}**", "-",
+                 "; ".join(f"{p} {u:.3g}" for p, u in pair["per_partition"].items()),
+                 "-" if pairs is None else f"**{pairs:,.0f}** pairs/s", "-"])
+    out.append(markdown_table(
+        ["case", "status", "calls (request + stream)", "WCU request", "WCU stream", "WCU total", "Local reports",
+         "WCU per partition", "per second on paper", "largest balance item written"], rows))
+    out += ["", "Per call (sizes in bytes, as AWS counts them):", ""]
+    detail = []
+    for case in cases.values():
+        for line in case["lines"]:
+            op = line["operation"] + (f"!{line['error']}" if line["error"] else "")
+            items = "; ".join(_item_text(i) for i in line["items"]) or "-"
+            detail.append([case["label"], line["who"], op, items, f"{line['units']:g}", f"{line['local_wcu']:g}"])
+    out.append(markdown_table(["case", "by", "call", "items (before -> after, units)", "WCU (model)", "Local"],
+                              detail))
     return "\n".join(out)

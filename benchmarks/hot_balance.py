@@ -6,6 +6,9 @@ Lambda container; N of them run at once, for a fixed duration, in two mirrored h
 - `ours`: the real consume function. Each request is an API Gateway HTTP API v2 event for
   `POST /users/{userId}/consume` passed to the handler that template.yaml names (functions/consume),
   so routing, validation, logging, metrics and the one conditional UpdateItem are all included.
+- `ours_holds`: a pair of hold and settle through the real holds function (functions/holds): a hold of 2
+  tokens, then its settle of 1 (the rest goes back); one pair per request slot, its rate in pairs/s,
+  against the same floor (issue 12's target: >= 0.4x the floor's single writes, a pair being two writes).
 - `naive`: written only here, to prove the benchmark can see lost updates: GetItem (consistent),
   check the balance, PutItem of balance - 1 WITHOUT a condition (one hot balance and the balance that
   runs out only).
@@ -56,8 +59,10 @@ from benchmarks.common import (
     percentile,
 )
 
-IMPLEMENTATIONS = ("ours", "naive", "floor")
-MANY_IMPLEMENTATIONS = ("ours", "floor")
+IMPLEMENTATIONS = ("ours", "ours_holds", "naive", "floor")
+MANY_IMPLEMENTATIONS = ("ours", "ours_holds", "floor")
+# Measured against the floor (a ratio per row): a consume, and a pair of hold and settle.
+AGAINST_FLOOR = ("ours", "ours_holds")
 GROUP = "hot"
 GROUP_SK = "GROUP#" + GROUP
 
@@ -104,6 +109,129 @@ class _Ours:
         return status
 
 
+class _Holds(_Ours):
+    """A reserve+settle pair through the holds function (functions/holds): `POST /users/{u}/holds`
+    {offerGroup, tokens: HELD}, then `POST /users/{u}/holds/{holdId}/settle` {tokens: SETTLED}, which
+    returns the rest. One `call` is one pair; the settle's event can only be built once the hold has
+    answered (its holdId), so building it is inside the pair's time."""
+
+    HELD, SETTLED = 2, 1
+
+    def __init__(self, env: dict[str, str]) -> None:
+        from user_credits_dev import template as tpl
+
+        super().__init__(env)
+        specs = {s.logical_id: s for s in tpl.functions({})}
+        self.holds_handler = tpl.load_handler(specs["HoldsFunction"])
+        self.fresh = True
+        self.counter = CallCounter(env["ACCOUNTS_TABLE"])
+
+    def prepare(self, user: str) -> Any:
+        return user, self._event("POST", f"/users/{user}/holds", route_path="/users/{userId}/holds", iam=True,
+                                 body=json.dumps({"offerGroup": GROUP, "tokens": self.HELD}))
+
+    def warm(self, user: str) -> None:
+        """The settle route too (a settle of no hold: 404), so the first timed pair is not its first."""
+        hold_id = f"{'0' * 20}-{self.HELD}-{GROUP}"
+        self.holds_handler(self._event("POST", f"/users/{user}/holds/{hold_id}/settle",
+                                       route_path="/users/{userId}/holds/{holdId}/settle", iam=True,
+                                       body=json.dumps({"tokens": self.SETTLED})),
+                           self._context(function_name="HoldsFunction"))
+
+    def call(self, prepared: Any) -> str:
+        user, event = prepared
+        answer = self.holds_handler(event, self._context(function_name="HoldsFunction"))
+        if answer["statusCode"] != 201:
+            return "refused" if answer["statusCode"] == 402 else f"hold {_failure(answer)}"
+        hold_id = json.loads(answer["body"])["holdId"]
+        settle = self._event("POST", f"/users/{user}/holds/{hold_id}/settle",
+                             route_path="/users/{userId}/holds/{holdId}/settle", iam=True,
+                             body=json.dumps({"tokens": self.SETTLED}))
+        answer = self.holds_handler(settle, self._context(function_name="HoldsFunction"))
+        return "ok" if answer["statusCode"] == 200 else f"{HELD_NOT_SETTLED} {_failure(answer)}"
+
+
+def _failure(answer: dict[str, Any]) -> str:
+    """`http_<status> <error>: <message>` of an answer that failed (the messages are fixed texts)."""
+    try:
+        body = json.loads(answer.get("body") or "{}")
+    except json.JSONDecodeError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    return f"http_{answer['statusCode']} {body.get('error', '')}: {body.get('message', '')}".rstrip(": ")
+
+
+# An outcome of a pair whose hold was placed and whose settle did not answer 200 (the hold stays open).
+HELD_NOT_SETTLED = "held, settle"
+
+
+def effects(impl: str, outcomes: dict[str, int]) -> tuple[int, int]:
+    """(tokens taken from the balances, ledger entries added) by a run's outcomes. A consume: 1 token
+    and 1 entry per success. A pair: the hold takes HELD tokens (entry `hold`) and the settle returns
+    HELD - SETTLED (entry `release`); a hold whose settle failed keeps its tokens (1 entry)."""
+    if impl != "ours_holds":
+        ok = outcomes.get("ok", 0)
+        return ok, ok
+    held = sum(v for k, v in outcomes.items() if k.startswith(HELD_NOT_SETTLED))
+    pairs = outcomes.get("ok", 0)
+    returns = 1 if _Holds.HELD > _Holds.SETTLED else 0
+    return pairs * _Holds.SETTLED + held * _Holds.HELD, pairs * (1 + returns) + held
+
+
+class CallCounter:
+    """The DynamoDB calls one worker's handler makes during a run, by operation (`Op!Code` when it
+    failed), and the TransactWriteItems that include a balance item (`calls.balance_transaction`).
+    Installed only around a run of an implementation that has one (the pairs), so the other
+    implementations' figures are as before; it costs a dict update per call."""
+
+    def __init__(self, accounts_table: str) -> None:
+        self.table = accounts_table
+        self.counts: dict[str, int] = {}
+        self._original: Any = None
+
+    def install(self) -> None:
+        from botocore.client import BaseClient
+        from botocore.exceptions import ClientError
+
+        from benchmarks.calls import DynamoCall, balance_transaction
+
+        if self._original is not None:
+            return
+        original = self._original = BaseClient._make_api_call  # type: ignore[attr-defined]
+        counts, table = self.counts, self.table
+
+        def counted(client: Any, operation: str, params: dict[str, Any]) -> Any:
+            if client.meta.service_model.service_name != "dynamodb":
+                return original(client, operation, params)
+            if operation == "TransactWriteItems" and balance_transaction(
+                    DynamoCall(operation, None, None, None, params=params), table):
+                counts["TransactWriteItems incl. a balance item"] = counts.get(
+                    "TransactWriteItems incl. a balance item", 0) + 1
+            try:
+                response = original(client, operation, params)
+            except ClientError as error:
+                name = f"{operation}!{error.response.get('Error', {}).get('Code', 'error')}"
+                counts[name] = counts.get(name, 0) + 1
+                raise
+            counts[operation] = counts.get(operation, 0) + 1
+            return response
+
+        BaseClient._make_api_call = counted  # type: ignore[attr-defined]
+
+    def uninstall(self) -> None:
+        from botocore.client import BaseClient
+
+        if self._original is not None:
+            BaseClient._make_api_call = self._original  # type: ignore[attr-defined]
+            self._original = None
+
+    def take(self) -> dict[str, int]:
+        taken = dict(self.counts)
+        self.counts.clear()
+        return taken
+
+
 class _Direct:
     """The benchmark's own implementations, on the same Accounts table and key shape."""
 
@@ -148,6 +276,8 @@ def _runner(impl: str, env: dict[str, str]) -> Any:
         return _Ours(env)
     if impl == "ours_keyed":
         return _Ours(env, keyed=True)
+    if impl == "ours_holds":
+        return _Holds(env)
     return _Direct(impl, env)
 
 
@@ -183,6 +313,8 @@ def _worker(index: int, conn: Any, env: dict[str, str], slots: Any) -> None:
                 runner = _runner(impl, env)
                 runners[impl] = runner
                 runner.call(runner.prepare(warm_user))  # warm: imports, connections (a refused consume)
+                if hasattr(runner, "warm"):
+                    runner.warm(warm_user)
                 conn.send(("ok", None))
             elif kind == "grant":
                 users, tokens = command[1], command[2]
@@ -233,6 +365,9 @@ def _telemetry(log: Any, offset: int) -> dict[str, int]:
                 counts[f"metric {metric['Name']}"] = counts.get(f"metric {metric['Name']}", 0) + int(total)
         if record.get("level") in ("WARNING", "ERROR", "CRITICAL"):
             key = f"log {record['level']}: {record.get('message')}"
+            detail = ", ".join(str(record[k]) for k in ("code", "exception_name") if record.get(k))
+            if detail:
+                key += f" ({detail})"
             counts[key] = counts.get(key, 0) + 1
     log.seek(0, os.SEEK_END)
     return counts
@@ -244,28 +379,39 @@ def _run(runner: Any, index: int, users: list[str], start_at: float, duration: f
     outcomes: dict[str, int] = {}
     latencies: list[float] = []
     fresh = (len(users) > 1 and isinstance(runner, _Ours)) or runner.fresh
+    counter: CallCounter | None = getattr(runner, "counter", None)
+    if counter is not None:
+        counter.take()
+        counter.install()
     pause = start_at - time.time()
     if pause > 0:
         time.sleep(pause)
     started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + duration
-    while True:
-        user = users[0] if len(users) == 1 else rng.choice(users)
-        t0 = time.perf_counter()
-        if t0 >= deadline:
-            break
-        try:
-            outcome = runner.call(events[user])
-        except Exception as error:
-            outcome = f"exception:{type(error).__name__}"
-        t1 = time.perf_counter()
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        if outcome == "ok":
-            latencies.append((t1 - t0) * 1000)
-        if fresh:
-            events[user] = runner.prepare(user)  # a fresh request id (and key) per request, as API Gateway sends
-    return {"outcomes": outcomes, "latencies_ms": latencies, "seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu_started}
+    try:
+        while True:
+            user = users[0] if len(users) == 1 else rng.choice(users)
+            t0 = time.perf_counter()
+            if t0 >= deadline:
+                break
+            try:
+                outcome = runner.call(events[user])
+            except Exception as error:
+                outcome = f"exception:{type(error).__name__}"
+            t1 = time.perf_counter()
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if outcome == "ok":
+                latencies.append((t1 - t0) * 1000)
+            if fresh:
+                events[user] = runner.prepare(user)  # a fresh request id (and key) per request, as API Gateway sends
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    finally:
+        if counter is not None:
+            counter.uninstall()
+    result = {"outcomes": outcomes, "latencies_ms": latencies, "seconds": seconds, "cpu_seconds": cpu}
+    if counter is not None:
+        result["calls"] = counter.take()
+    return result
 
 
 def _grant_loop(ours: _Ours, user: str, start_at: float, duration: float, interval: float) -> dict[str, Any]:
@@ -467,13 +613,18 @@ def _measure(b: Bench, impl: str, workers: int, users: list[str], duration: floa
     latencies: list[float] = []
     telemetry: dict[str, int] = {}
     hook: dict[str, int] = {}
+    calls: dict[str, int] = {}
     for result in results:
         _add(telemetry, result["telemetry"])
         _add(hook, result["hook"])
         _add(outcomes, result["outcomes"])
+        _add(calls, result.get("calls", {}))
         latencies.extend(result["latencies_ms"])
     elapsed = max(r["seconds"] for r in results)
     successes = outcomes.get("ok", 0)
+    # What the outcomes took and added: for a consume one token and one entry per success, for a pair
+    # of hold and settle the tokens it kept and its two entries (`effects`).
+    taken, entries = effects(impl, outcomes)
     granted = int(grant_result["statuses"].get("201", 0)) if grant_result else 0
     after = _balances(b.engine, users)
     had = sum(_number(before.get(u), "balance") for u in users) + granted
@@ -487,11 +638,13 @@ def _measure(b: Bench, impl: str, workers: int, users: list[str], duration: floa
         "telemetry": telemetry, "hook": hook,
         "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "_latencies": latencies,
         "balance_before": had - granted, "granted": granted, "final_balance_total": final, "tokens_spent": had - final,
-        "lost_updates": successes - (had - final),
-        "overdraft": sum(max(0, -_number(after.get(u), "balance")) for u in users) + max(0, successes - had),
+        "lost_updates": taken - (had - final), "tokens_taken": taken,
+        "overdraft": sum(max(0, -_number(after.get(u), "balance")) for u in users) + max(0, taken - had),
         "stream": {"records": drained.records, "changes": drained.changes, "seconds": drained.seconds,
                    "failed_items": drained.failed_items, "batches": drained.batches},
     }
+    if calls:
+        row["calls"] = calls
     if grant_result is not None:
         row["grants"] = {"statuses": grant_result["statuses"], "hook": grant_result["hook"],
                          "telemetry": grant_result["telemetry"],
@@ -510,7 +663,7 @@ def _measure(b: Bench, impl: str, workers: int, users: list[str], duration: floa
     if impl.startswith("ours"):
         seq_delta = sum(_number(after.get(u), "seq") - _number(before.get(u), "seq") for u in users)
         row["ledger"] = {**_ledger_check(b.engine, users, after), "new_entries": seq_delta,
-                         "expected_new_entries": successes + granted}
+                         "expected_new_entries": entries + granted}
     row["phases_s"] = {"run": run_s, "drain": drained.seconds, "verify": time.perf_counter() - phase}
     print(f"  {label}, {impl}, N={workers}: {successes:,} successes; "
           + ", ".join(f"{k} {v:.1f} s" for k, v in row["phases_s"].items())
@@ -524,7 +677,7 @@ def _add(into: dict[str, int], more: dict[str, int]) -> None:
 
 
 _SUMMED = ("seconds", "worker_cpu_s", "successes", "refused", "final_balance_total", "tokens_spent", "lost_updates",
-           "overdraft", "users", "balance_before", "granted")
+           "overdraft", "users", "balance_before", "granted", "tokens_taken")
 
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -532,10 +685,10 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(parts[0])
     for key in _SUMMED:
         merged[key] = sum(p[key] for p in parts)
-    for key in ("errors", "telemetry", "hook"):
+    for key in ("errors", "telemetry", "hook", *(("calls",) if any("calls" in p for p in parts) else ())):
         merged[key] = {}
         for part in parts:
-            _add(merged[key], part[key])
+            _add(merged[key], part.get(key, {}))
     merged["stream"] = {k: sum(p["stream"][k] for p in parts) for k in parts[0]["stream"]}
     if "ledger" in parts[0]:
         merged["ledger"] = {k: sum(p["ledger"][k] for p in parts) for k in parts[0]["ledger"]}
@@ -573,7 +726,9 @@ def run(engine: Engine, *, workers: tuple[int, ...] = (1, 2, 4, 8), duration: fl
     publisher.client_factory = lambda: sink
     publisher.reset_client()
     ready = function_ready("consume") and function_ready("admin_grants") and function_ready("ledger_stream")
-    implementations = IMPLEMENTATIONS if ready else ("naive", "floor")
+    implementations: tuple[str, ...] = IMPLEMENTATIONS if ready else ("naive", "floor")
+    if not function_ready("holds"):
+        implementations = tuple(i for i in implementations if i != "ours_holds")
     stream = StreamRunner(engine.endpoint, engine.tables)
     stream.skip_to_now()
     size = max((*workers, many_workers, conflict_workers + 1))
@@ -633,7 +788,7 @@ def run(engine: Engine, *, workers: tuple[int, ...] = (1, 2, 4, 8), duration: fl
         row.pop("_latencies", None)
     for row in rows:
         # A balance that runs out caps every correct implementation at the same count: no ratio there.
-        if row["implementation"] == "ours" and "runs out" not in row["scenario"]:
+        if row["implementation"] in AGAINST_FLOOR and "runs out" not in row["scenario"]:
             floor = next((r for r in rows if r["implementation"] == "floor" and r["scenario"] == row["scenario"]
                           and r["workers"] == row["workers"]), None)
             row["ratio_to_floor"] = row["per_second"] / floor["per_second"] if floor and floor["per_second"] else None
@@ -670,8 +825,9 @@ def _conflicts(b: Bench, consumers: int, duration: float, interval: float, big: 
 def _stream_cell(r: dict[str, Any]) -> str:
     st = r["stream"]
     rate = st["records"] / st["seconds"] if st["seconds"] else 0.0
+    what = "pair" if r["implementation"] == "ours_holds" else "consume"
     text = f"{st['records']:,} records in {st['seconds']:.1f} s = {rate:,.0f}/s ({rate / r['per_second']:.2f}x the " \
-           f"consume rate)" if r["per_second"] else f"{st['records']:,} records"
+           f"{what} rate)" if r["per_second"] else f"{st['records']:,} records"
     if st["failed_items"]:
         text += f", **{st['failed_items']} failed**"
     return text
@@ -711,12 +867,21 @@ def markdown(result: dict[str, Any]) -> str:
         "(issue 11): ours >= 0.8x floor at N=1 and N=4, on one hot balance and on 1,000 balances, with zero "
         "overdrafts and zero lost updates.",
         "",
+        f"`ours_holds` = a pair of hold and settle through the real holds function (functions/holds, app.handler), "
+        f"one after the other in the same worker: `POST /users/{{userId}}/holds` of {_Holds.HELD} tokens, then "
+        f"`POST .../holds/{{holdId}}/settle` of {_Holds.SETTLED} (returns the rest); its rate is in **pairs/s**, "
+        "and `/ floor` divides it by the floor's single writes/s in the same run (target, issue 12: >= 0.4x, a "
+        f"pair being two writes). Per pair the balance loses {_Holds.SETTLED} token and the ledger gains 2 "
+        "entries (`hold`, `release`): `lost updates` and the ledger check count that. The DynamoDB calls the "
+        "holds handler made are counted in each worker (a wrapper of botocore's `_make_api_call`, installed only "
+        "around these runs) and shown in a table below the main one.",
+        "",
     ]
     rows = []
     for r in result["rows"]:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
         ratio = r.get("ratio_to_floor")
-        ours = r["implementation"] == "ours"
+        ours = r["implementation"].startswith("ours")
         counters = (", ".join(f"{k} {v:,}" for k, v in sorted(r["telemetry"].items())) or "none") if ours else "-"
         rows.append([
             r["scenario"], r["workers"], r["implementation"], r["successes"], f"{r['per_second']:,.0f}",
@@ -726,7 +891,7 @@ def markdown(result: dict[str, Any]) -> str:
             _ledger_cell(r) if ours else "-", _item_cell(r), counters,
         ])
     out.append(markdown_table(
-        ["scenario", "N", "impl", "successes", "consumes/s", "ours / floor", "p50 ms", "p99 ms",
+        ["scenario", "N", "impl", "successes (pairs)", "consumes/s (pairs/s)", "/ floor", "p50 ms", "p99 ms",
          "client CPU ms/request", "refused", "errors", "balance decrease", "lost updates", "overdraft",
          "ours: stream drain", "ours: ledger check", "ours: largest balance item before the drain",
          "ours: handler metrics and warnings"], rows,
@@ -734,6 +899,9 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("stream_errors"):
         out += ["", "ERROR records the stream function logged: "
                 + "; ".join(f"{k} (x{v})" for k, v in result["stream_errors"].items())]
+    pairs = [r for r in result["rows"] if r["implementation"] == "ours_holds"]
+    if pairs:
+        out += ["", pairs_markdown(pairs)]
     if result.get("conflicts"):
         out += ["", conflicts_markdown(result)]
     if result.get("profile"):
@@ -743,6 +911,37 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["", f"Where one request's time goes, by layer ({p['ours']['requests']} sequential requests in one "
                 "worker, N=1, production logging and metrics; cProfile own time per layer, C functions charged to "
                 "their callers, socket calls apart; `benchmarks/consume_profile.py`):", "", profile_markdown(p)]
+    return "\n".join(out)
+
+
+def pair_calls(row: dict[str, Any]) -> dict[str, Any]:
+    """The DynamoDB calls of a run of pairs, per pair: all of them, and the transactions that include
+    a balance item (each would make concurrent writes of that item fail on AWS)."""
+    calls = row.get("calls") or {}
+    total = sum(v for k, v in calls.items() if not k.startswith("TransactWriteItems incl."))
+    balance_tx = calls.get("TransactWriteItems incl. a balance item", 0)
+    requests = 2 * row["successes"] + row["refused"] + sum(row["errors"].values())
+    return {"calls": total, "per_pair": total / row["successes"] if row["successes"] else None,
+            "per_request": total / requests if requests else None, "balance_transactions": balance_tx,
+            "balance_transactions_per_1000_pairs": 1000 * balance_tx / row["successes"] if row["successes"] else None}
+
+
+def pairs_markdown(rows: list[dict[str, Any]]) -> str:
+    out = ["DynamoDB calls of the hold+settle pairs (`ours_holds`), counted in the workers: `calls per pair` = all "
+           "calls of the holds handler / pairs; `tx incl. a balance item` = TransactWriteItems that include the "
+           "balance item (issue 12: a hold and its settle each at most 2 calls and never such a transaction).", ""]
+    table = []
+    for r in rows:
+        figures = pair_calls(r)
+        ops = ", ".join(f"{k} {v:,}" for k, v in sorted((r.get("calls") or {}).items())
+                        if not k.startswith("TransactWriteItems incl."))
+        table.append([r["scenario"], r["workers"], r["successes"], f"{r['per_second']:,.0f}",
+                      "-" if figures["per_pair"] is None else f"{figures['per_pair']:.3f}",
+                      figures["balance_transactions"],
+                      "-" if figures["balance_transactions_per_1000_pairs"] is None
+                      else f"{figures['balance_transactions_per_1000_pairs']:.1f}", ops or "-"])
+    out.append(markdown_table(["scenario", "N", "pairs", "pairs/s", "calls per pair", "tx incl. a balance item",
+                               "per 1,000 pairs", "calls by operation (`!Code`: failed with it)"], table))
     return "\n".join(out)
 
 

@@ -133,6 +133,7 @@ def _call_targets(result: dict[str, Any]) -> list[list[str]]:
              lambda r: r["dynamodb_calls"] - r["transactions"] <= 3 and r["transactions"] <= 1
              and r["status"] == 200),
     ]
+    rows.extend(_hold_call_targets(result, found, line))
     model = (result.get("capacity") or {}).get("cases", {})
     unkeyed, keyed = model.get("unkeyed"), model.get("keyed")
     if unkeyed:
@@ -147,6 +148,48 @@ def _call_targets(result: dict[str, Any]) -> list[list[str]]:
                      "met" if per_second >= 900 else "**NOT MET**"])
     else:
         rows.append(["capacity model", "not measured", "not measured"])
+    return rows
+
+
+def _hold_call_targets(result: dict[str, Any], found: dict[tuple[str, str], Any], line: Any) -> list[list[str]]:
+    """Issue 12: a hold and its settle each at most 2 DynamoDB calls, never a transaction that includes
+    the balance item (request and stream), on every hold path; and the write units of a pair."""
+    hold, settle, release = calls.HOLD_ROUTES
+    measured = [r for (route, _case), r in found.items() if route in calls.HOLD_ROUTES and r.get("measured")]
+    if not measured:
+        return [["holds: calls per hold and settle", "not measured (holds not landed)", "not measured"]]
+
+    def within(r: dict[str, Any]) -> bool:
+        return bool(r["dynamodb_calls"] <= 2 and r["transactions"] == 0 and r["status_ok"])
+
+    rows = [
+        line("unkeyed hold: <= 2 DynamoDB calls, no transaction", (hold, "unkeyed"), "<= 2", within),
+        line("keyed hold (Idempotency-Key): <= 2 DynamoDB calls, no transaction", (hold, "Idempotency-Key first"),
+             "<= 2", within),
+        line("settle: <= 2 DynamoDB calls, no transaction", (settle, "below the hold (returns the rest)"), "<= 2",
+             within),
+        line("release: <= 2 DynamoDB calls, no transaction", (release, "release"), "<= 2", within),
+        line("repeated settle (replay): <= 2 DynamoDB calls, no transaction", (settle, "same settle again (replay)"),
+             "<= 2", within),
+    ]
+    balance_tx = [r for r in measured if r["balance_transactions"] + r["stream"]["balance_transactions"]]
+    over = [r for r in measured if not within(r)]
+    total_tx = sum(r["balance_transactions"] + r["stream"]["balance_transactions"] for r in measured)
+    where = "; ".join(f"{r['case']}: {r['dynamodb_calls']} calls ({calls._ops(r['operations'])})" for r in balance_tx)
+    rows.append([
+        "0 transactions that include the balance item, on every hold/settle/release path (request and stream)",
+        f"{total_tx} over {len(measured)} cases; {where or 'none'}"
+        + (f"; {len(over)} cases over 2 calls or with a transaction" if over else ""),
+        "met" if not balance_tx else "**NOT MET**"])
+    model = ((result.get("capacity") or {}).get("holds") or {})
+    if model:
+        cycle = model["cases"]["cycle_pair"]
+        first = model["pair_first"]
+        rows.append(["hold + settle write units, AWS prices (informational)",
+                     f"the group's first pair {first['units']:g} WCU ({first['pairs_per_second'] or 0:,.0f} pairs/s "
+                     f"per balance on paper); averaged over a cycle of {model['max_pending']} pairs (the last settle "
+                     f"forcing the rewrite) {cycle['units_total']:.1f} WCU ({cycle['consumes_per_second'] or 0:,.0f} "
+                     f"pairs/s), balance item up to {cycle['balance_item_bytes'] or 0:,} B", "informational"])
     return rows
 
 
@@ -179,6 +222,7 @@ def _hot_targets(result: dict[str, Any]) -> list[list[str]]:
                         f"slowest: {rate:,.0f} records/s after {slowest['per_second']:,.0f} consumes/s "
                         f"({slowest['scenario']}, N={slowest['workers']})",
                         "keeps up" if rate >= slowest["per_second"] else "**falls behind**"])
+    out.extend(_pair_targets(rows))
     naive = [r for r in rows if r["implementation"] == "naive"]
     seen = [r for r in naive if r["lost_updates"] or r["overdraft"]]
     out.append(["naive read-then-write shows lost updates or overdrafts (the benchmark can see them)",
@@ -202,6 +246,48 @@ def _hot_targets(result: dict[str, Any]) -> list[list[str]]:
                     "met" if fivexx == 0 and not broken else "**NOT MET**"])
     else:
         out.append(["0 conflict retries with consumes alone", "not measured", "not measured"])
+    return out
+
+
+def _pair_targets(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Issue 12: hold+settle pairs per second beside the floor, zero overdrafts, a complete ledger."""
+    pairs = [r for r in rows if r["implementation"] == "ours_holds"]
+    if not pairs:
+        return [["hold+settle pairs >= 0.4x floor", "not measured (holds not landed)", "not measured"]]
+    out = []
+    for r in pairs:
+        if r.get("ratio_to_floor") is None:
+            continue
+        required = r["workers"] in (1, 4)
+        out.append([f"hold+settle pairs/s >= 0.4x floor writes/s ({r['scenario']}, N={r['workers']})"
+                    + ("" if required else " (not an issue-12 target)"),
+                    f"{r['ratio_to_floor']:.2f}x ({r['per_second']:,.0f} pairs/s)",
+                    ("met" if r["ratio_to_floor"] >= 0.4 else "**NOT MET**") if required
+                    else ("above" if r["ratio_to_floor"] >= 0.4 else "below")])
+    bad = [r for r in pairs if not hot_balance.ours_ok(r)]
+    wrong = [r for r in pairs if not hot_balance.ours_ok({**r, "errors": {}})]
+    failed: dict[str, int] = {}
+    for r in pairs:
+        for key, value in r["errors"].items():
+            failed[key] = failed.get(key, 0) + value
+    out.append(["hold+settle pairs: zero overdrafts and lost updates; after the stream drain, per user ledger "
+                "sum == balance and seq 1..n; two entries per pair; no 5xx",
+                f"{len(pairs)} runs: {len(wrong)} with a balance or ledger discrepancy, {len(bad) - len(wrong)} more "
+                f"with failed requests only" + ("" if not failed else " (" + ", ".join(
+                    f"{k} x{v}" for k, v in sorted(failed.items())) + f" over {sum(r['successes'] for r in pairs):,} "
+                    "pairs)"),
+                "met" if not bad else "**NOT MET**"])
+    figures = [hot_balance.pair_calls(r) for r in pairs if r.get("calls")]
+    if figures:
+        calls = sum(f["calls"] for f in figures)
+        requests = sum(2 * r["successes"] for r in pairs if r.get("calls"))
+        balance_tx = sum(f["balance_transactions"] for f in figures)
+        total_pairs = sum(r["successes"] for r in pairs if r.get("calls"))
+        out.append(["hold+settle under load: never a transaction that includes the balance item",
+                    f"{balance_tx:,} over {total_pairs:,} pairs ({1000 * balance_tx / max(1, total_pairs):.1f} per "
+                    f"1,000 pairs); {calls / max(1, total_pairs):.3f} calls per pair "
+                    f"({calls / max(1, requests):.3f} per request)",
+                    "met" if balance_tx == 0 else "**NOT MET**"])
     return out
 
 
@@ -265,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     header = _header(settings, args, started_at, load_before, machine_load(), total)
     from benchmarks.common import markdown_table
 
-    summary = markdown_table(["target (issues 11, 7, 4)", "measured", "verdict"], _targets(results))
+    summary = markdown_table(["target (issues 12, 11, 7, 4)", "measured", "verdict"], _targets(results))
     document = [header, "", "## Targets", "", summary]
     for name in SECTIONS:
         if name in markdowns:

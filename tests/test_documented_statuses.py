@@ -27,7 +27,9 @@ OPERATIONS = [(method.upper(), path, int(status))
               for path, operations in document()["paths"].items()
               for method, operation in operations.items()
               for status in operation["responses"]]
-USER_ROUTES = {"/offers", "/orders", "/orders/{orderId}", "/credits", "/credits/ledger"}
+USER_ROUTES = {"/offers", "/orders", "/orders/{orderId}", "/credits", "/credits/ledger", "/checkout",
+               "/billing-portal", "/subscriptions"}
+PAGES = {"successUrl": "https://shop.example/done", "cancelUrl": "https://shop.example/cart"}
 HOLDS = "/users/{userId}/holds"
 SETTLE = "/users/{userId}/holds/{holdId}/settle"
 RELEASE = "/users/{userId}/holds/{holdId}/release"
@@ -62,6 +64,8 @@ class Case:
         offer_id, _ = self.shop.offer(group=self.group, tokens=10, cycle="once", prices={"usd": 100})
         return {
             "/orders": {"offerId": offer_id},
+            "/checkout": {"offerId": offer_id, **PAGES},
+            "/billing-portal": {"returnUrl": "https://shop.example/account"},
             "/users/{userId}/consume": {"offerGroup": self.group, "tokens": 1},
             HOLDS: {"offerGroup": self.group, "tokens": 1},
             SETTLE: {"tokens": 1},
@@ -80,6 +84,12 @@ class Case:
         assert placed.status == 201, (placed.status, placed.body)
         hold_id: str = placed.body["holdId"]
         return hold_id
+
+    def customer(self) -> None:
+        """The case's user checks out once, so it has a Stripe customer (what the portal needs)."""
+        offer_id, _ = self.shop.offer(tokens=10, cycle="once", prices={"usd": 100})
+        started = self.shop.service.call("POST", "/checkout", {"offerId": offer_id, **PAGES}, user=self.user)
+        assert started.status == 201, (started.status, started.body)
 
     def failing_dynamodb(self, code: str) -> None:
         """Every DynamoDB call from now on fails with `code` (a throttle, or one nothing retries)."""
@@ -101,6 +111,8 @@ def _success(case: Case) -> Reply:
                                {"offerGroup": case.group, "tokens": 5}, iam=True)
     if case.route in (SETTLE, RELEASE):
         return case.call(body, path=case.path(holdId=case.hold()))
+    if case.route == "/billing-portal":
+        case.customer()
     if case.method == "PUT" and case.route == "/admin/offers/{offerId}":
         path = case.path()
         first = case.call(body, path=path)
@@ -154,20 +166,34 @@ def _short(case: Case) -> Reply:
 
 
 def _missing(case: Case) -> Reply:
-    if case.route == "/orders":
-        return case.call({"offerId": case.ids("no-such-offer")})
+    if case.route in ("/orders", "/checkout"):
+        return case.call({**case.valid_body(), "offerId": case.ids("no-such-offer")})
+    if case.route == "/billing-portal":
+        return case.call(case.valid_body())  # no checkout yet: no customer
     if case.route in (SETTLE, RELEASE):
         return case.call(case.valid_body())  # a hold id that was never answered
     return case.call()
 
 
 def _conflict(case: Case) -> Reply:
+    if case.route == HOLDS:
+        return _too_many_holds(case)
     return _closed(case) if case.route in (SETTLE, RELEASE) else _inactive(case)
+
+
+def _too_many_holds(case: Case) -> Reply:
+    from user_credits.store.holds import MAX_OPEN
+
+    case.shop.service.call("POST", f"/admin/users/{case.user}/grants",
+                           {"offerGroup": case.group, "tokens": MAX_OPEN + 1}, iam=True)
+    for _ in range(MAX_OPEN):
+        assert case.call(case.valid_body()).status == 201
+    return case.call(case.valid_body())
 
 
 def _inactive(case: Case) -> Reply:
     offer_id, _ = case.shop.offer(active=False)
-    return case.call({"offerId": offer_id})
+    return case.call({**case.valid_body(), "offerId": offer_id})
 
 
 def _closed(case: Case) -> Reply:
@@ -181,6 +207,8 @@ def _closed(case: Case) -> Reply:
 
 def _stripe_down(case: Case) -> Reply:
     body = case.valid_body()
+    if case.route == "/billing-portal":
+        case.customer()
     case.shop.service.setenv("STRIPE_API_KEY", "sk_test_not_the_fakes_key")
     return case.call(body)
 

@@ -339,6 +339,75 @@ def cmd_payment(args: argparse.Namespace) -> int:
     return 0 if response.ok else 1
 
 
+# ---------------------------------------------------------------- local subscriptions and Checkout
+
+# What each command has the local Stripe fake do (its `/_fake/...` control routes, outside Stripe's API).
+FAKE_ACTIONS = {
+    "checkout-complete": ("checkout/sessions", "complete"),
+    "renew": ("subscriptions", "renew"),
+    "fail-renewal": ("subscriptions", "fail_renewal"),
+    "cancel": ("subscriptions", "cancel"),
+}
+
+
+def fake_stripe_events(api_base: str, command: str, object_id: str, *, at_period_end: bool = False
+                       ) -> list[dict[str, Any]]:
+    """Have the dev server's Stripe fake play the customer (or time passing); the events Stripe would send."""
+    import requests
+
+    kind, action = FAKE_ACTIONS[command]
+    try:
+        response = requests.post(
+            f"{api_base}/_fake/{kind}/{object_id}/{action}", timeout=30,
+            data={"at_period_end": "true"} if at_period_end else {},
+            headers={"Authorization": f"Bearer {server.LOCAL_STRIPE_KEY}"},
+        )
+        answer = response.json()
+    except requests.RequestException as exc:
+        raise CliError(f"the local Stripe at {api_base} did not answer: {exc}") from exc
+    except ValueError as exc:
+        raise CliError(f"the Stripe at {api_base} is not the local fake (it answered {response.status_code})") from exc
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if error is not None:
+        if error.get("code") == "resource_missing":
+            raise CliError(f"{error.get('message')} in the local Stripe fake (it keeps objects in memory: a "
+                           "restarted dev server has forgotten them)")
+        if str(error.get("message", "")).startswith("Unrecognized request URL"):
+            raise CliError(f"the Stripe at {api_base} is not the local fake (no {kind} {action})")
+        raise CliError(f"{command} {object_id}: {error.get('message')}")
+    events: list[dict[str, Any]] = answer["data"]
+    return events
+
+
+def cmd_fake_billing(args: argparse.Namespace) -> int:
+    """checkout-complete / renew / fail-renewal / cancel: the fake does it, the service gets the webhooks."""
+    import requests
+
+    target = resolve_target(args)
+    state = server.DevState.read(args.data_dir) if target.local else None
+    if state is None or target.data_dir is None or not state.stripe_api_base or state.stripe_mode == "test":
+        raise CliError(f"{args.command} drives the local Stripe fake of a running `make dev` (with a real "
+                       "sk_test_ key, complete Checkout in Stripe's test mode and use test clocks instead)")
+    events = fake_stripe_events(state.stripe_api_base, args.command, args.object_id,
+                                at_period_end=getattr(args, "at_period_end", False))
+    secret = server.local_webhook_secret(target.data_dir)
+    delivered = True
+    for event in events:
+        payload, signature = stripe_fake.signed_delivery(event, secret)
+        try:
+            response = requests.post(
+                f"{state.api_url}/webhooks/stripe", data=payload, timeout=30,
+                headers={"Content-Type": "application/json", "Stripe-Signature": signature},
+            )
+        except requests.RequestException as exc:
+            print(f"{event['type']} {event['data']['object'].get('id')} -> not delivered: {exc}")
+            delivered = False
+            continue
+        print(f"{event['type']} {event['data']['object'].get('id')} -> {response.status_code} {response.text}")
+        delivered = delivered and response.ok
+    return 0 if delivered else 1
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -437,6 +506,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "refund":
             cmd.add_argument("--amount", type=int)
         cmd.set_defaults(func=cmd_payment)
+
+    for name, what, text in (
+        ("checkout-complete", "session", "the customer pays a Checkout Session (cs_...)"),
+        ("renew", "subscription", "a subscription (sub_...) renews: the next period's invoice is paid"),
+        ("fail-renewal", "subscription", "a subscription's renewal payment fails: past_due"),
+        ("cancel", "subscription", "the customer cancels a subscription (at once, or --at-period-end)"),
+    ):
+        cmd = sub.add_parser(name, parents=[where], help=f"local Stripe: {text} (signed webhooks)")
+        cmd.add_argument("object_id", metavar=what.upper())
+        if name == "cancel":
+            cmd.add_argument("--at-period-end", action="store_true", help="end it when the current period ends")
+        cmd.set_defaults(func=cmd_fake_billing)
     return parser
 
 

@@ -1,6 +1,6 @@
-"""POST /orders, GET /orders/{orderId}: buying an offer (SPEC 2.3) and reading one's own orders."""
+"""POST /orders, GET /orders/{orderId} (SPEC 2.3), POST /checkout and POST /billing-portal (SPEC 2.10)."""
 
+from user_credits.api import checkout, orders
 from user_credits.api.app import lambda_entry
-from user_credits.api.orders import router
 
-handler = lambda_entry(router)
+handler = lambda_entry(orders.router, checkout.router)

@@ -1,4 +1,4 @@
-"""GET /credits, /credits/ledger (user) and /users/{userId}/credits, /users/{userId}/ledger (service)."""
+"""GET /credits, /credits/ledger, /subscriptions (user) and their service routes under /users/{userId}/."""
 
 from user_credits.api.app import lambda_entry
 from user_credits.api.credits import router, service_router

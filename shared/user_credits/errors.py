@@ -115,6 +115,20 @@ class PurchaseLimitReached(CreditsError):
     code = "purchase_limit_reached"
 
 
+class CustomerNotFound(CreditsError):
+    """POST /billing-portal before the user ever checked out: there is no Stripe Customer yet."""
+
+    http_status = 404
+    code = "customer_not_found"
+
+
+class TooManyHolds(CreditsError):
+    """The group has the most open holds it may have: settle or release one first."""
+
+    http_status = 409
+    code = "too_many_holds"
+
+
 class HoldNotFound(CreditsError):
     http_status = 404
     code = "hold_not_found"

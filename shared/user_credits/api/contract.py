@@ -181,6 +181,34 @@ class Granted(Described):
     lotId: str | None
 
 
+class CheckoutOut(Described):
+    """A Stripe Checkout Session for a new pending order: send the customer to `url`."""
+
+    orderId: str
+    sessionId: str
+    url: str
+
+
+class PortalOut(Described):
+    """A session of Stripe's customer portal: send the customer to `url`."""
+
+    url: str
+
+
+class SubscriptionOut(Described):
+    subscriptionId: str
+    offerId: str
+    offerGroup: str
+    status: str = Field(description="Stripe's: active, past_due, canceled, ...")
+    currentPeriodEnd: DateTime | None
+    cancelAtPeriodEnd: bool
+    quantity: int
+
+
+class Subscriptions(Described):
+    subscriptions: list[SubscriptionOut]
+
+
 class Received(Described):
     received: bool
 

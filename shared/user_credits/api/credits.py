@@ -43,6 +43,17 @@ def my_ledger(
     return credits.ledger_of(current_user(router), offerGroup, limit or credits.DEFAULT_LIMIT, cursor)
 
 
+@router.get("/subscriptions", responses=c.answers(200, c.Subscriptions, "The user's subscriptions", 401))
+def my_subscriptions() -> dict[str, Any]:
+    return credits.subscriptions_of(current_user(router))
+
+
+@service_router.get("/users/<userId>/subscriptions", responses=c.answers(
+    200, c.Subscriptions, "The user's subscriptions", 403, 422))
+def user_subscriptions(userId: IdPath) -> dict[str, Any]:
+    return credits.subscriptions_of(userId)
+
+
 @service_router.get("/users/<userId>/credits", responses=c.answers(
     200, c.Credits, "Balances, live lots and paid orders", 403, 422))
 def user_credits(userId: IdPath) -> dict[str, Any]:

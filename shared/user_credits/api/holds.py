@@ -22,7 +22,8 @@ _OF_A_HOLD: Final = {
 
 
 @router.post("/users/<userId>/holds", responses=c.answers(
-    201, c.Held, "Held; the balance after", 402, 403, *c.WITH_BODY))
+    201, c.Held, "Held; the balance after", 402, 403, 409, *c.WITH_BODY,
+    meaning={409: "The group has as many open holds as it may (too_many_holds): settle or release one first"}))
 def hold(userId: IdPath, request: HoldIn, key: IdempotencyKeyHeader = None) -> Response[str]:
     result = holds.place_hold(
         userId, request.offerGroup, request.tokens, request.maxOverdraft, request.ttlSeconds, key,

@@ -80,6 +80,22 @@ class OrderIn(StrictModel):
     currency: Currency | None = None
 
 
+# A page to send the customer back to, as Stripe takes it: an absolute http(s) URL.
+Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", min_length=8, max_length=2048)]
+
+
+class CheckoutIn(StrictModel):
+    offerId: Id
+    quantity: Positive = 1
+    currency: Currency | None = None
+    successUrl: Url
+    cancelUrl: Url
+
+
+class PortalIn(StrictModel):
+    returnUrl: Url
+
+
 class ConsumeIn(StrictModel):
     offerGroup: Id
     tokens: Positive

@@ -8,7 +8,7 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from user_credits.api import contract as c
 from user_credits.api.context import header
 from user_credits.api.responses import json_response
-from user_credits.logic import purchases
+from user_credits.logic import stripe_events
 
 router = Router()
 
@@ -19,5 +19,5 @@ def stripe_webhook() -> Response[str]:
     # The signature covers the exact bytes Stripe sent, so the body is read raw, never re-serialized.
     payload = event.decoded_body or ""
     signature = header(event.headers, "stripe-signature")
-    purchases.receive_stripe_webhook(payload, signature)
+    stripe_events.receive_stripe_webhook(payload, signature)
     return json_response(200, {"received": True})

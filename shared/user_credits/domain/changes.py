@@ -76,7 +76,8 @@ class Change:
 
 
 _MOVEMENT_FIELDS = {"lotId": "lot_id", "shortfall": "shortfall", "orderId": "order_id",
-                    "key": "idempotency_key", "note": "note", "holdId": "hold_id"}
+                    "key": "idempotency_key", "note": "note", "holdId": "hold_id",
+                    "subscriptionId": "subscription_id"}
 
 
 def _movement_json(movement: Movement) -> dict[str, Any]:
@@ -117,7 +118,7 @@ class GroupWrite:
                 user_id=self.user_id, offer_group=self.offer_group, delta=movement.delta, balance_after=balance,
                 reason=movement.reason, at=self.change.at, seq=seq, order_id=movement.order_id,
                 idempotency_key=movement.idempotency_key, shortfall=movement.shortfall, note=movement.note,
-                lot_id=movement.lot_id, hold_id=movement.hold_id,
+                lot_id=movement.lot_id, hold_id=movement.hold_id, subscription_id=movement.subscription_id,
             ))
         if (balance, seq) != (self.balance_after, self.seq_after):
             # A write whose movements do not explain it: a bug, never to be papered over in the ledger.

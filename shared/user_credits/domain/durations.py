@@ -41,3 +41,17 @@ def later_expiry(a: datetime | None, b: datetime | None) -> datetime | None:
     if a is None or b is None:
         return None
     return max(a, b)
+
+
+# SPEC 2.10: a recurring offer's cycle as Stripe's `recurring.interval` and `interval_count`.
+_STRIPE_INTERVALS: Final = {
+    "daily": ("day", 1), "weekly": ("week", 1), "bi-weekly": ("week", 2), "monthly": ("month", 1),
+    "trimester": ("month", 3), "semester": ("month", 6), "yearly": ("year", 1),
+}
+
+
+def stripe_interval(cycle: str) -> tuple[str, int]:
+    """(interval, interval_count) of a cycle that can recur (not `once` nor `custom`)."""
+    if cycle not in _STRIPE_INTERVALS:
+        raise ValueError(f"a {cycle!r} cycle does not recur")
+    return _STRIPE_INTERVALS[cycle]

@@ -27,6 +27,7 @@ class LedgerEntry:
     note: str | None = None
     lot_id: str | None = None
     hold_id: str | None = None
+    subscription_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -43,6 +44,8 @@ class LedgerEntry:
             body["orderId"] = self.order_id
         if self.hold_id is not None:
             body["holdId"] = self.hold_id
+        if self.subscription_id is not None:
+            body["subscriptionId"] = self.subscription_id
         if self.idempotency_key is not None:
             body["idempotencyKey"] = self.idempotency_key
         if self.shortfall:

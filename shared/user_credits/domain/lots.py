@@ -102,6 +102,7 @@ class Movement:
     idempotency_key: str | None = None
     note: str | None = None
     hold_id: str | None = None
+    subscription_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,17 +143,19 @@ class HoldEvent:
 @dataclass(frozen=True)
 class Returned:
     """What closing a hold gave back: per lot still in the book, per lot gone (those tokens expire),
-    and debt cancelled; `excess` is what a settle above the hold consumed on top."""
+    its uncovered part cancelled (`debt`), and what paid the debt that consumes left meanwhile
+    (`paid_debt`, as a credit would); `excess` is what a settle above the hold consumed on top."""
 
     to_lots: tuple[tuple[str, int], ...] = ()
     expired: tuple[tuple[str, int], ...] = ()
     debt: int = 0
+    paid_debt: int = 0
     excess: int = 0
 
     @property
     def released(self) -> int:
         """Tokens that went back to the balance (what the `release` entry says)."""
-        return sum(n for _, n in self.to_lots) + sum(n for _, n in self.expired) + self.debt
+        return sum(n for _, n in self.to_lots) + sum(n for _, n in self.expired) + self.debt + self.paid_debt
 
 
 @dataclass(frozen=True)
@@ -314,17 +317,27 @@ class Book:
             keep -= kept
             if n - kept:
                 back.append((lot_id, n - kept))
-        present = {lot.lot_id for lot in self.lots}
-        to_lots = tuple((lot_id, n) for lot_id, n in back if lot_id and lot_id in present)
+        present = {lot.lot_id: lot for lot in self.lots}
         expired = tuple((lot_id, n) for lot_id, n in back if lot_id and lot_id not in present)
         debt = sum(n for lot_id, n in back if not lot_id)
+        # Consumes made while these tokens were held may have left a debt: the returned tokens pay it
+        # first, as a new lot would (SPEC 1: in debt, every live lot is empty), in spending order.
+        plain_debt = self.debt - sum(h.uncovered for h in self.holds)
+        to_lots: list[tuple[str, int]] = []
+        paid_debt = 0
+        for lot_id, n in sorted(((lot_id, n) for lot_id, n in back if lot_id in present),
+                                key=lambda part: present[part[0]].spending_key()):
+            paying = min(n, plain_debt - paid_debt)
+            paid_debt += paying
+            if n - paying:
+                to_lots.append((lot_id, n - paying))
         gains = dict(to_lots)
         lots = tuple(replace(lot, remaining=lot.remaining + gains[lot.lot_id]) if lot.lot_id in gains else lot
                      for lot in self.lots)
-        book = replace(self, lots=lots, debt=self.debt - debt,
+        book = replace(self, lots=lots, debt=self.debt - debt - paid_debt,
                        holds=tuple(h for h in self.holds if h.hold_id != hold_id))
         excess = max(0, settled - hold.tokens)
-        return book.burn(excess), Returned(to_lots, expired, debt, excess)
+        return book.burn(excess), Returned(tuple(to_lots), expired, debt, paid_debt, excess)
 
     def take(self, tokens: int, first: Sequence[str] = ()) -> tuple[Book, list[tuple[str, int]]]:
         """Take up to `tokens` from the live lots: the lots named in `first`, then the others in spending
@@ -399,8 +412,18 @@ def replay(book: Book, events: Iterable[HoldEvent], balance: int) -> Book:
     consume on a group with no book yet (it created the balance item) leaves a negative balance:
     all debt.
     """
+    events = list(events)
+    held = {hold.hold_id: hold.tokens for hold in book.holds}
+    held.update({e.hold_id: e.tokens for e in events if e.kind == "open"})
+
+    def written(event: HoldEvent) -> tuple[int, int]:
+        # Every write but one moves the item's seq: a settle of exactly what was held. So events that
+        # share a seq are such settles, then at most one write that moved it (it came last).
+        quiet = event.kind == "close" and event.tokens == held.get(event.hold_id)
+        return event.seq, 0 if quiet else 1
+
     expected = book.total
-    for event in sorted(events, key=lambda e: (e.seq, e.kind != "close")):
+    for event in sorted(events, key=written):
         book = _burned(book, expected - event.balance, event)
         if event.kind == "open":
             assert event.expires_at is not None

@@ -19,6 +19,7 @@ from user_credits.observability import count
 SOURCE: Final = "user-credits"
 DETAIL_TYPES: Final = (
     "CreditsGranted", "CreditsLow", "CreditsExpiringSoon", "CreditsExpired", "PaymentInconsistent",
+    "SubscriptionPaymentFailed", "SubscriptionCanceled",
 )
 
 _client: Any = None

@@ -12,6 +12,7 @@ from user_credits.domain.clock import to_iso, utc_now
 from user_credits.domain.orders import PAID_STATUSES
 from user_credits.errors import ValidationFailed
 from user_credits.store import ledger as ledger_store
+from user_credits.store import subscriptions as subscription_store
 from user_credits.store.balances import partition, states_of, untorn
 from user_credits.store.orders import orders_among
 
@@ -44,6 +45,11 @@ def _credits_once(user_id: str) -> dict[str, Any]:
     groups.sort(key=lambda g: g["offerGroup"])
     orders.sort(key=lambda o: (o["createdAt"] or "", o["orderId"]), reverse=True)
     return {"userId": user_id, "groups": groups, "orders": orders}
+
+
+def subscriptions_of(user_id: str) -> dict[str, Any]:
+    """GET subscriptions: each of the user's Stripe subscriptions as the webhook last learnt it."""
+    return {"subscriptions": [s.to_json() for s in subscription_store.list_subscriptions(user_id)]}
 
 
 DEFAULT_LIMIT: Final = 50

@@ -35,8 +35,10 @@ from pynamodb.transactions import TransactWrite
 from user_credits.domain.changes import Event
 from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Book, Lot, Movement
+from user_credits.errors import ServiceBusy
 from user_credits.observability import count, logger
 from user_credits.store.balances import GroupState, read_group, stage_group_change
+from user_credits.store.due import due_sort
 from user_credits.store.expiry import (
     DueEntry,
     Progress,
@@ -46,7 +48,7 @@ from user_credits.store.expiry import (
     position_through,
     save_progress,
 )
-from user_credits.store.holds import MAX_PENDING, Outcome
+from user_credits.store.holds import Outcome
 from user_credits.store.transactions import commit, optimistic
 
 # Lambda time left (ms) below which the sweep stops taking new groups: more than one group's worst case
@@ -154,7 +156,24 @@ def expired_events(
 
 def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None:
     """Expire the group's due lots, release its due holds, fold its holds into the book (and correct a
-    stale nextExp or holdDue); None when nothing needed doing."""
+    stale nextExp, holdDue or index entry); None when nothing needed doing. More due holds than one
+    rewrite releases take more rewrites, all done here."""
+    done: Expiry | None = None
+    for _ in range(MAX_REWRITES):
+        step = _expire_once(user_id, offer_group, now)
+        if step is None:
+            return done
+        done = step if done is None else Expiry(done.before, step.after, done.movements + step.movements)
+        if not any(held.expires_at <= now for held in step.after.book.holds):
+            return done
+    raise ServiceBusy("the holds of this group are being released, retry shortly")
+
+
+# Rewrites one expire_group makes at most (each releases up to RELEASES_PER_REWRITE due holds).
+MAX_REWRITES = 8
+
+
+def _expire_once(user_id: str, offer_group: str, now: datetime) -> Expiry | None:
     def attempt() -> Expiry | None:
         state = read_group(user_id, offer_group)
         if not state.exists:
@@ -164,8 +183,10 @@ def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None
         movements += releases
         pending = any(hold.opened is not None or hold.closed is not None for hold in state.holds)
         hold_due = min((held.expires_at for held in book.holds), default=None)
+        due = [date for date in (book.next_expiry, hold_due) if date is not None]
+        entry = due_sort(user_id, offer_group, min(due)) if due else None
         if (not movements and book == state.book and state.stored_next_expiry == book.next_expiry
-                and not pending and state.stored_hold_due == hold_due):
+                and not pending and state.stored_hold_due == hold_due and state.stored_due_sort == entry):
             return None
         after: list[GroupState] = []
 
@@ -179,15 +200,19 @@ def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None
     return optimistic(attempt)
 
 
+# Due holds one rewrite releases at most: with up to MAX_PENDING outcomes folded beside them, a
+# rewrite's transaction (100 items) keeps room for the rest of a purchase's items.
+RELEASES_PER_REWRITE = 32
+
+
 def release_due(state: GroupState, book: Book, now: datetime) -> tuple[Book, list[Movement], list[Outcome]]:
-    """Release the holds of `book` past their expiresAt (SPEC 2.9), at most `MAX_PENDING` per
-    rewrite (a rewrite's transaction has room for that many remembered outcomes); the rest follow on
-    the next touch (holdDue stays due)."""
+    """Release the holds of `book` past their expiresAt (SPEC 2.9), at most `RELEASES_PER_REWRITE`
+    (the rest by the next rewrite: `expire_group` makes as many as it takes)."""
     movements: list[Movement] = []
     outcomes: list[Outcome] = []
     balance = state.balance
     due = sorted((held for held in book.holds if held.expires_at <= now), key=lambda h: h.expires_at)
-    for held in due[:MAX_PENDING]:
+    for held in due[:RELEASES_PER_REWRITE]:
         book, moves = close_in_book(book, held.hold_id, 0)
         movements += moves
         balance += sum(move.delta for move in moves)

@@ -116,9 +116,11 @@ def _close_by_rewrite(user_id: str, closing: store.Closing, now: datetime) -> st
     book, releases, outcomes = expiry.release_due(state, book, now)
     movements += releases
     mine = next((outcome for outcome in outcomes if outcome.hold_id == ref.hold_id), None)
-    if mine is None and book.held(ref.hold_id) is None:
-        # Still open, yet not in the book: more due holds than one rewrite releases; the next does.
-        raise StaleRead("due holds are being released")
+    held = book.held(ref.hold_id)
+    if mine is None and (held is None or held.expires_at <= now):
+        # It is due, but more holds are due than one rewrite releases: release them all, then again.
+        expiry.expire_group(user_id, ref.offer_group, now)
+        raise StaleRead("due holds were being released")
     # A hold that was due is released by this touch, before the call (SPEC 2.9): the call then
     # replays that outcome if it is a release, and is refused as `hold_closed` if it is a settle.
     if mine is None:

@@ -38,7 +38,6 @@ from user_credits.domain.offers import Offer, is_visible
 from user_credits.domain.orders import PAID_STATUSES, Order, holdings_from_orders
 from user_credits.errors import (
     CurrencyNotSupported,
-    InvalidSignature,
     OfferInactive,
     OfferLocked,
     OfferNotFound,
@@ -48,9 +47,9 @@ from user_credits.errors import (
     ServiceBusy,
     ValidationFailed,
 )
-from user_credits.observability import count, logger
-from user_credits.payments import gateway, secrets
-from user_credits.payments.webhooks import StripeEvent, verify_event
+from user_credits.observability import logger
+from user_credits.payments import gateway
+from user_credits.payments.webhooks import StripeEvent
 from user_credits.store import idempotency
 from user_credits.store import offers as offer_store
 from user_credits.store import orders as order_store
@@ -82,7 +81,7 @@ def order_id_for(user_id: str, key: str | None) -> str:
     return str(uuid.uuid5(ORDER_ID_NAMESPACE, f"{user_id}\n{key}"))
 
 
-def _item_offers(offer: Offer) -> dict[str, Offer]:
+def item_offers(offer: Offer) -> dict[str, Offer]:
     items: dict[str, Offer] = {}
     for item in offer.combined_items:
         if item.offer_id not in items:
@@ -111,8 +110,11 @@ def check_purchase_limit(user_id: str, offer: Offer) -> order_store.LimitLock | 
     return lock
 
 
-def _orderable_offer(user_id: str, request: OrderRequest, now: datetime) -> tuple[Offer, str]:
-    """SPEC 2.3's checks, all before any write or Stripe call; returns the offer and the currency."""
+def orderable_offer(
+    user_id: str, request: OrderRequest, now: datetime, *, for_checkout: bool = False,
+) -> tuple[Offer, str]:
+    """SPEC 2.3's checks, all before any write or Stripe call; returns the offer and the currency.
+    `for_checkout`: POST /checkout, which sells recurring offers too."""
     offer = offer_store.load_offer(request.offer_id)
     if offer is None:
         raise OfferNotFound(f"no offer {request.offer_id!r}")
@@ -126,12 +128,12 @@ def _orderable_offer(user_id: str, request: OrderRequest, now: datetime) -> tupl
     currency = request.currency or load_settings().default_currency
     if currency not in offer.prices:
         raise CurrencyNotSupported(f"{offer.offer_id!r} has no price in {currency!r}")
-    if offer.billing == "recurring":
+    if offer.billing == "recurring" and not for_checkout:
         raise ValidationFailed(f"{offer.offer_id!r} is a subscription: it is bought with POST /checkout")
     return offer, currency
 
 
-def _snapshot(offer: Offer, items: Mapping[str, Offer], lines: Sequence[CreditTerms]) -> dict[str, Any]:
+def offer_snapshot(offer: Offer, items: Mapping[str, Offer], lines: Sequence[CreditTerms]) -> dict[str, Any]:
     """What was bought, frozen at order time: a later catalog edit cannot change what is credited."""
     return {
         "offer": offer.to_json(),
@@ -152,15 +154,15 @@ def create_order(
         if stored is not None:
             return stored.status_code, stored.body
     now = utc_now()
-    offer, currency = _orderable_offer(user_id, request, now)
-    items = _item_offers(offer)
+    offer, currency = orderable_offer(user_id, request, now)
+    items = item_offers(offer)
     lines = purchase_terms(offer, request.quantity, items)
     order = Order(
         order_id=order_id_for(user_id, key), user_id=user_id, offer_id=offer.offer_id,
         offer_group=offer.offer_group, quantity=request.quantity, amount=offer.prices[currency] * request.quantity,
         currency=currency, status="pending", tokens=offer.tokens * request.quantity, created_at=now,
     )
-    snapshot = _snapshot(offer, items, lines)
+    snapshot = offer_snapshot(offer, items, lines)
     if order.amount == 0:
         return _create_free_order(order, offer, lines, snapshot, record_key, body_hash)
     lock = check_purchase_limit(user_id, offer)
@@ -183,11 +185,11 @@ def create_order(
     except StaleRead:
         # A request with the same key collides on the derived order id: answer what it answered. Else
         # a concurrent order of a limited offer won the lock: retry (it then counts that order).
-        return _replay_or_busy(record_key, body_hash)
+        return replay_or_busy(record_key, body_hash)
     return 201, response
 
 
-def _replay_or_busy(record_key: str | None, body_hash: str | None) -> tuple[int, dict[str, Any]]:
+def replay_or_busy(record_key: str | None, body_hash: str | None) -> tuple[int, dict[str, Any]]:
     if record_key is not None and body_hash is not None:
         stored = idempotency.lookup(record_key, body_hash)
         if stored is not None:
@@ -310,23 +312,6 @@ class WebhookOutcome:
     order_id: str | None = None
 
 
-def receive_stripe_webhook(payload: str, signature: str | None) -> WebhookOutcome:
-    """Verify, then apply the event. Only transient faults escape (so Stripe retries); duplicates,
-    unknown orders and event types we do not use are acknowledged."""
-    try:
-        event = verify_event(payload, signature, secrets.webhook_secret)
-    except InvalidSignature:
-        # A 400 is never logged as a failure: this count is what shows a rotated secret or forgeries.
-        count("StripeEvent_invalid_signature")
-        raise
-    handler = _HANDLERS.get(event.type)
-    outcome = WebhookOutcome("ignored") if handler is None else handler(event)
-    count(f"StripeEvent_{outcome.action}")
-    logger.info("stripe event", extra={"type": event.type, "event_id": event.event_id, "action": outcome.action,
-                                      "order_id": outcome.order_id})
-    return outcome
-
-
 def _stage_event_record(tx: TransactWrite, event: StripeEvent, order_id: str, action: str, now: datetime) -> None:
     """The record that this Stripe event had its effect, written with that effect (24 h, like keys)."""
     key = idempotency.scoped_key(WEBHOOK_SCOPE[0], WEBHOOK_SCOPE[1], event.event_id)
@@ -354,10 +339,10 @@ def _mismatch(record: OrderRecord, event: StripeEvent) -> str | None:
 
 
 # A payment can succeed after a failed attempt on the same PaymentIntent (the customer tries another card).
-_PAYABLE: Final = ("pending", "failed")
+PAYABLE: Final = ("pending", "failed")
 
 
-def _apply_to_order(
+def apply_to_order(
     event: StripeEvent,
     intent_field: str,
     allowed_from: Collection[str],
@@ -388,33 +373,50 @@ def _apply_to_order(
 
 def _on_payment_succeeded(event: StripeEvent) -> WebhookOutcome:
     def pay(record: OrderRecord) -> WebhookOutcome:
-        user_id, order_id = record.userId, record.orderId
-        now = utc_now()
-        problem = _mismatch(record, event)
-        if problem is not None:
-            return _mark_inconsistent(record, event, problem, now)
-        order = order_store.to_order(record)
-        plan = plan_credit(user_id, order_id, _order_lines(record), now)
-        paid = plan.paid_order(order)
-        refund = _early_refund(record, plan, now)
-        period = [_set_or_remove(OrderRecord.startsAt, paid.starts_at),
-                  _set_or_remove(OrderRecord.expiresAt, paid.expires_at)]
-        if refund is None:
-            action = "paid"
-            order_actions = [OrderRecord.status.set("paid"), OrderRecord.credits.set(plan.credits_json()), *period]
-        else:
-            action = refund.status
-            order_actions = [*refund.order_actions(0), OrderRecord.pendingRefund.remove(), *period]
+        return credit_paid_order(record, event, _mismatch(record, event), _received(event))
 
-        def build(tx: TransactWrite) -> None:
-            order_store.stage_order_update(tx, record, order_actions)
-            plan.stage(tx, user_id, order_id, now, refund)
-            _stage_event_record(tx, event, order_id, "paid", now)
+    return apply_to_order(event, "id", PAYABLE, pay)
 
-        commit(build)
-        return WebhookOutcome(action, order_id)
 
-    return _apply_to_order(event, "id", _PAYABLE, pay)
+def _received(event: StripeEvent) -> dict[str, Any]:
+    """What a PaymentIntent event says was paid (for PaymentInconsistent)."""
+    return {"amount": event.integer("amount_received"), "currency": event.text("currency"),
+            "paymentIntentId": event.text("id")}
+
+
+def credit_paid_order(
+    record: OrderRecord, event: StripeEvent, problem: str | None, received: Mapping[str, Any],
+) -> WebhookOutcome:
+    """SPEC 2.4 for an order whose payment arrived (a PaymentIntent, or a Checkout Session in payment
+    mode): `inconsistent` when `problem` (amount or currency differ), else paid and credited, once."""
+    user_id, order_id = record.userId, record.orderId
+    now = utc_now()
+    if problem is not None:
+        return _mark_inconsistent(record, event, problem, now, received)
+    order = order_store.to_order(record)
+    plan = plan_credit(user_id, order_id, _order_lines(record), now)
+    paid = plan.paid_order(order)
+    refund = _early_refund(record, plan, now)
+    period = [_set_or_remove(OrderRecord.startsAt, paid.starts_at),
+              _set_or_remove(OrderRecord.expiresAt, paid.expires_at)]
+    if refund is None:
+        action = "paid"
+        order_actions = [OrderRecord.status.set("paid"), OrderRecord.credits.set(plan.credits_json()), *period]
+    else:
+        action = refund.status
+        order_actions = [*refund.order_actions(0), OrderRecord.pendingRefund.remove(), *period]
+    intent_id = received.get("paymentIntentId")
+    if record.paymentIntentId is None and isinstance(intent_id, str):
+        # A Checkout payment: its PaymentIntent, so that a refund (a charge names only that) finds the order.
+        order_actions.append(OrderRecord.paymentIntentId.set(intent_id))
+
+    def build(tx: TransactWrite) -> None:
+        order_store.stage_order_update(tx, record, order_actions)
+        plan.stage(tx, user_id, order_id, now, refund)
+        _stage_event_record(tx, event, order_id, "paid", now)
+
+    commit(build)
+    return WebhookOutcome(action, order_id)
 
 
 @dataclass(frozen=True)
@@ -468,14 +470,15 @@ def _set_or_remove(attribute: UTCDateTimeAttribute, value: datetime | None) -> A
     return attribute.set(value) if value is not None else attribute.remove()
 
 
-def _mark_inconsistent(record: OrderRecord, event: StripeEvent, problem: str, now: datetime) -> WebhookOutcome:
+def _mark_inconsistent(
+    record: OrderRecord, event: StripeEvent, problem: str, now: datetime, received: Mapping[str, Any],
+) -> WebhookOutcome:
     group = read_group(record.userId, record.offerGroup)
     inconsistent = Event("PaymentInconsistent", {
         "userId": record.userId, "offerGroup": record.offerGroup, "balance": group.book.spendable(now),
         "expiresAt": to_iso(group.expires_at), "orderId": record.orderId, "problem": problem,
         "expected": {"amount": int(record.amount), "currency": record.currency},
-        "received": {"amount": event.integer("amount_received"), "currency": event.text("currency"),
-                     "paymentIntentId": event.text("id")},
+        "received": dict(received),
     })
 
     def build(tx: TransactWrite) -> None:
@@ -502,7 +505,7 @@ def _status_change(new_status: str, allowed_from: tuple[str, ...]) -> Callable[[
             commit(build)
             return WebhookOutcome(new_status, record.orderId)
 
-        return _apply_to_order(event, "id", allowed_from, change)
+        return apply_to_order(event, "id", allowed_from, change)
 
     return on_event
 
@@ -536,7 +539,7 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
         user_id, order_id = record.userId, record.orderId
         amount = int(record.amount)
         refunded_now = min(refunded, amount)
-        if record.status in _PAYABLE:
+        if record.status in PAYABLE:
             return _remember_refund(record, event, refunded_now)
         if refunded_now <= int(record.amountRefunded):
             return WebhookOutcome("duplicate", order_id)
@@ -556,7 +559,7 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
         commit(build)
         return WebhookOutcome(refund.status, order_id)
 
-    return _apply_to_order(event, "payment_intent", (*PAID_STATUSES, *_PAYABLE), revoke,
+    return apply_to_order(event, "payment_intent", (*PAID_STATUSES, *PAYABLE), revoke,
                            not_allowed="ignored_not_paid")
 
 
@@ -575,7 +578,8 @@ def _remember_refund(record: OrderRecord, event: StripeEvent, refunded: int) -> 
     return WebhookOutcome("refund_remembered", record.orderId)
 
 
-_HANDLERS: Final = {
+# The PaymentIntent and charge events (logic.stripe_events dispatches every type).
+HANDLERS: Final = {
     "payment_intent.succeeded": _on_payment_succeeded,
     "payment_intent.payment_failed": _status_change("failed", ("pending",)),
     "payment_intent.canceled": _status_change("canceled", ("pending", "failed")),

@@ -21,7 +21,7 @@ from user_credits.domain.ledger import LedgerEntry
 from user_credits.events.publisher import send
 from user_credits.observability import count, logger
 from user_credits.store import consumption, holds, idempotency, ledger
-from user_credits.store.stream import OrderWrite, read_record
+from user_credits.store.stream import EventsWrite, read_record
 
 
 @dataclass
@@ -33,12 +33,12 @@ class StreamBatch:
     balance item."""
 
     # Each record read without a fault, by SequenceNumber: its change and its ledger entries.
-    read: dict[str, tuple[GroupWrite | OrderWrite | None, list[LedgerEntry]]] = field(default_factory=dict)
+    read: dict[str, tuple[GroupWrite | EventsWrite | None, list[LedgerEntry]]] = field(default_factory=dict)
     # Whether those entries are written already (else each record writes its own).
     prewritten: bool = False
     markers: dict[tuple[str, str], list[KeyedRequest]] = field(default_factory=dict)
-    # The soonest expiry of the holds placed in this batch, per balance item (for the sweep's index).
-    placed: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    # The soonest-expiring hold placed in this batch, per balance item (for the sweep's index).
+    placed: dict[tuple[str, str], tuple[datetime, str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, records: Sequence[Mapping[str, Any]]) -> StreamBatch:
@@ -76,20 +76,21 @@ class StreamBatch:
             user_id, offer_group, keyed = marker
             self.markers.setdefault((user_id, offer_group), []).append(keyed)
         if isinstance(write, GroupWrite) and write.change.hold_until is not None:
-            where = (write.user_id, write.offer_group)
-            self.placed[where] = min(self.placed.get(where, write.change.hold_until), write.change.hold_until)
+            where, placed = (write.user_id, write.offer_group), (write.change.hold_until,
+                                                                 str(write.change.movements[0].hold_id))
+            self.placed[where] = min(self.placed.get(where, placed), placed)
 
     def finish(self) -> None:
         """Remove the markers of the keyed consumes applied (their records are completed), and bring
         the sweep's index entry of each group with a new hold forward to it, if it is sooner."""
         for (user_id, offer_group), keys in self.markers.items():
             consumption.remove_markers(user_id, offer_group, keys)
-        for (user_id, offer_group), until in self.placed.items():
-            holds.index_hold(user_id, offer_group, until)
+        for (user_id, offer_group), (until, hold_id) in self.placed.items():
+            holds.index_hold(user_id, offer_group, hold_id, until)
 
 
 def _apply(
-    write: GroupWrite | OrderWrite | None, entries: list[LedgerEntry], *, entries_written: bool,
+    write: GroupWrite | EventsWrite | None, entries: list[LedgerEntry], *, entries_written: bool,
 ) -> tuple[str, str, KeyedRequest] | None:
     """Apply one record's change (None: the record carries none). Returns the (user, group, key) whose
     marker may go, for a keyed consume whose record is now completed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import stripe
+from stripe.params.checkout import SessionCreateParams, SessionCreateParamsLineItemPriceData
 
 from user_credits.config import load_settings
 from user_credits.errors import IdempotencyKeyReused, PaymentProviderError
@@ -66,3 +67,83 @@ def create_payment_intent(*, order_id: str, user_id: str, amount: int, currency:
     if not intent.client_secret:
         raise PaymentProviderError("Stripe returned a PaymentIntent without a client secret")
     return CreatedIntent(intent.id, intent.client_secret)
+
+
+def _failed(exc: stripe.StripeError, what: str) -> PaymentProviderError | IdempotencyKeyReused:
+    if isinstance(exc, stripe.IdempotencyError):
+        return IdempotencyKeyReused("this Idempotency-Key was used with a different request body")
+    return PaymentProviderError(f"Stripe refused or failed {what}: {exc.user_message or exc}")
+
+
+def create_customer(*, user_id: str) -> str:
+    """The user's one Stripe Customer (SPEC 2.10). The idempotency key is derived from the user, so two
+    first checkouts at once, or a retry after a crash before the id was stored, get the same Customer
+    (Stripe keeps a key 24 hours; the id is stored long before)."""
+    try:
+        customer = stripe_client().v1.customers.create(
+            params={"metadata": {"userId": user_id}}, options={"idempotency_key": f"customer-{user_id}"},
+        )
+    except stripe.StripeError as exc:
+        raise _failed(exc, "the customer") from exc
+    return str(customer.id)
+
+
+@dataclass(frozen=True)
+class CheckoutLine:
+    """What a Checkout Session sells: one line, its price given inline (SPEC 2.10)."""
+
+    name: str
+    currency: str
+    unit_amount: int
+    quantity: int
+    # For a subscription: Stripe's `recurring.interval` and `interval_count`.
+    interval: str | None = None
+    interval_count: int | None = None
+
+
+@dataclass(frozen=True)
+class CreatedSession:
+    session_id: str
+    url: str
+
+
+def create_checkout_session(
+    *, order_id: str, user_id: str, offer_id: str, customer_id: str, line: CheckoutLine, success_url: str,
+    cancel_url: str,
+) -> CreatedSession:
+    """A Checkout Session for the order (its id is the idempotency key): mode `subscription` for a
+    recurring offer, `payment` otherwise. Our ids travel in `metadata`, and for a subscription in
+    `subscription_data.metadata`, which Stripe copies onto every invoice of it."""
+    metadata = {"orderId": order_id, "userId": user_id, "offerId": offer_id}
+    # stripe-python's typed params: mypy checks every name we send against Stripe's own definitions.
+    price_data: SessionCreateParamsLineItemPriceData = {
+        "currency": line.currency, "unit_amount": line.unit_amount, "product_data": {"name": line.name}}
+    params: SessionCreateParams = {
+        "customer": customer_id, "success_url": success_url, "cancel_url": cancel_url,
+        "client_reference_id": order_id, "metadata": metadata,
+    }
+    if line.interval is not None:
+        price_data["recurring"] = {"interval": line.interval, "interval_count": line.interval_count or 1}
+        params["mode"] = "subscription"
+        params["subscription_data"] = {"metadata": metadata}
+    else:
+        params["mode"] = "payment"
+        params["payment_intent_data"] = {"metadata": {"orderId": order_id, "userId": user_id}}
+    params["line_items"] = [{"price_data": price_data, "quantity": line.quantity}]
+    try:
+        session = stripe_client().v1.checkout.sessions.create(params=params, options={"idempotency_key": order_id})
+    except stripe.StripeError as exc:
+        raise _failed(exc, "the checkout") from exc
+    if not session.url:
+        raise PaymentProviderError("Stripe returned a Checkout Session without a url")
+    return CreatedSession(str(session.id), str(session.url))
+
+
+def create_portal_session(*, customer_id: str, return_url: str) -> str:
+    """A session of Stripe's customer portal for the user's Customer; its url."""
+    try:
+        session = stripe_client().v1.billing_portal.sessions.create(
+            params={"customer": customer_id, "return_url": return_url})
+    except stripe.StripeError as exc:
+        raise _failed(exc, "the billing portal") from exc
+    return str(session.url)

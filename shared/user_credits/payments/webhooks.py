@@ -20,6 +20,8 @@ class StripeEvent:
     event_id: str
     type: str
     object: Mapping[str, Any]
+    # When Stripe created the event (seconds): orders the events of one subscription.
+    created: int = 0
 
     def metadata(self) -> Mapping[str, Any]:
         value = self.object.get("metadata")
@@ -76,4 +78,5 @@ def verify_event(payload: str, header: str | None, secret: Callable[[], str]) ->
     obj = body.get("object") if isinstance(body, dict) else None
     if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str) or not isinstance(obj, dict):
         raise InvalidSignature("the signed payload is not a Stripe event")
-    return StripeEvent(data["id"], data["type"], obj)
+    created = data.get("created")
+    return StripeEvent(data["id"], data["type"], obj, created if type(created) is int else 0)

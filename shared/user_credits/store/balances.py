@@ -17,12 +17,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
+from pynamodb.expressions.condition import Condition
 from pynamodb.expressions.operand import Path
 from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
 from user_credits.domain.changes import Change, Event
-from user_credits.domain.lots import Book, Movement, current_book
+from user_credits.domain.lots import Book, Held, Movement, current_book
 from user_credits.errors import ServiceBusy
 from user_credits.store import holds as hold_items
 from user_credits.store.due import due_shard, due_sort
@@ -52,6 +53,10 @@ class GroupState:
     stored_hold_due: datetime | None = None
     # The item's count of hold writes (None: never a hold): part of the read-then-write guard.
     hold_writes: int | None = None
+    # The open holds as the stored book has them (before the events since were replayed).
+    stored_holds: tuple[Held, ...] = ()
+    # The item's entry in the sweep's index (`dueSort`), as stored.
+    stored_due_sort: str | None = None
 
     @property
     def expires_at(self) -> datetime | None:
@@ -85,6 +90,8 @@ def to_state(record: BalanceRecord, book: BookRecord | None, raw: Mapping[str, A
         holds=holds,
         stored_hold_due=hold_items.hold_due(raw) if raw is not None else None,
         hold_writes=hold_items.hold_writes(raw) if raw is not None else None,
+        stored_holds=Book.from_record(record.offerGroup, book.book if book is not None else None).holds,
+        stored_due_sort=record.dueSort,
     )
 
 
@@ -174,13 +181,21 @@ def _hold_actions(before: GroupState, book: Book, closed: Sequence[hold_items.Ou
     when its lots expire (`lx`), `holdDue` becomes the soonest open hold's expiry."""
     actions: list[Action] = []
     gone = {outcome.hold_id for outcome in closed}
+    newly_stored = set()
     for hold in before.holds:
         if hold.opened is not None:
+            newly_stored.add(hold.ref.hold_id)
             actions += [Path(hold_items.OPEN_SEQ + hold.ref.rid).remove(),
                         Path(hold_items.OPEN_BALANCE + hold.ref.rid).remove()]
         if hold.outcome is not None or hold.ref.hold_id in gone:
             actions.append(Path(hold.ref.attribute).remove())
+    stored_before = {held.hold_id: held for held in before.stored_holds}
     for held in book.holds:
+        # `lx` only where it may have changed (a hold stored now, or what it took changed): an update
+        # expression has at most 4 KB, so not one clause per open hold on every rewrite.
+        earlier = stored_before.get(held.hold_id)
+        if held.hold_id not in newly_stored and earlier is not None and earlier.taken == held.taken:
+            continue
         ref = hold_items.parse_ref(held.hold_id)
         assert ref is not None
         expiry = book.hold_lots_expiry(held.hold_id)
@@ -188,6 +203,8 @@ def _hold_actions(before: GroupState, book: Book, closed: Sequence[hold_items.Ou
         actions.append(path.set({"S": hold_items.stamp(expiry)}) if expiry is not None else path.remove())
     if before.holds or book.holds:
         actions.append(Path(hold_items.PENDING).remove())
+        open_holds = Path(hold_items.OPEN)
+        actions.append(open_holds.set({"N": str(len(book.holds))}) if book.holds else open_holds.remove())
     due = min((held.expires_at for held in book.holds), default=None)
     actions.append(Path(hold_items.HOLD_DUE).set({"S": hold_items.stamp(due)}) if due is not None
                    else Path(hold_items.HOLD_DUE).remove())
@@ -222,8 +239,10 @@ def stage_group_change(
         raise AssertionError(f"book total {book.total} != balance {balance} for {before.offer_group!r}")
     version = before.book_version + 1
     after = replace(before, balance=balance, seq=seq, exists=True, book=book, stored_next_expiry=book.next_expiry,
-                    book_version=version, holds=(),
+                    book_version=version, holds=(), stored_holds=book.holds,
                     stored_hold_due=min((held.expires_at for held in book.holds), default=None))
+    dates = [date for date in (after.stored_next_expiry, after.stored_hold_due) if date is not None]
+    after = replace(after, stored_due_sort=due_sort(before.user_id, before.offer_group, min(dates)) if dates else None)
     change = Change(uuid.uuid4().hex, at, tuple(movements), tuple(events(after) if events else ()))
     key = BalanceRecord(before.user_id, group_sk(before.offer_group))
     expires_at = book.expires_at
@@ -242,14 +261,16 @@ def stage_group_change(
         *_hold_actions(before, book, closed),
     ]
     # The read-then-write guard: nothing (a consume, another purchase) changed the group since `before`.
-    # A hold written since (even one that changed no seq: a settle that returns nothing) fails it too.
-    writes = Path(hold_items.HOLD_WRITES)
+    # A hold written since (even one that changed no seq: a settle that returns nothing) fails it too,
+    # and so does another rewrite (one with no movement changes no seq either, but bumps bookVer).
+    writes, version_read = Path(hold_items.HOLD_WRITES), BalanceRecord.bookVer
+    guard: Condition
     if not before.exists:
         guard = BalanceRecord.sk.does_not_exist()
-    elif before.hold_writes is None:
-        guard = (BalanceRecord.seq == before.seq) & writes.does_not_exist()
     else:
-        guard = (BalanceRecord.seq == before.seq) & (writes == {"N": str(before.hold_writes)})
+        guard = BalanceRecord.seq == before.seq
+        guard &= writes.does_not_exist() if before.hold_writes is None else writes == {"N": str(before.hold_writes)}
+        guard &= version_read.does_not_exist() if before.book_version == 0 else version_read == before.book_version
     tx.update(key, actions=actions, condition=guard)
     # No condition of its own: the balance's guard covers both items of the group.
     tx.save(BookRecord(before.user_id, book_sk(before.offer_group), offerGroup=before.offer_group,

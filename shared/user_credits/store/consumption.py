@@ -48,7 +48,7 @@ from botocore.exceptions import ClientError
 from user_credits.domain.changes import Change, KeyedRequest
 from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Movement
-from user_credits.errors import CreditsExpired, IdempotencyKeyReused, InsufficientCredits
+from user_credits.errors import CreditsExpired, IdempotencyKeyReused, InsufficientCredits, TooManyHolds
 from user_credits.store import holds
 from user_credits.store.idempotency import TTL_SECONDS, StoredResponse
 from user_credits.store.models import BalanceRecord, IdempotencyRecord, group_sk
@@ -231,8 +231,12 @@ def _debit_update(
     # balance 0, which passes exactly when tokens <= maxOverdraft (decided here: it involves no attribute).
     funds = "#b >= :floor OR attribute_not_exists(#b)" if floor <= 0 else "#b >= :floor"
     # A hold that is due is released first, as soon as its group is touched (SPEC 2.9).
-    names["#due"] = holds.HOLD_DUE
-    condition = f"(attribute_not_exists(#n) OR #n > :now) AND (attribute_not_exists(#due) OR #due > :now) AND ({funds})"
+    # Holds waiting for the book gate every write, consumes too: when `MAX_PENDING` wait, all writers
+    # go through the rewrite that folds them, so none of them starves behind the others.
+    names.update({"#due": holds.HOLD_DUE, "#pend": holds.PENDING})
+    values[":pmax"] = {"N": str(holds.MAX_PENDING)}
+    condition = (f"(attribute_not_exists(#n) OR #n > :now) AND (attribute_not_exists(#due) OR #due > :now)"
+                 f" AND (attribute_not_exists(#pend) OR size(#pend) < :pmax) AND ({funds})")
     added = ""
     if placing is not None:
         sets, added, placed, hold_names, hold_values = holds.placing_clauses(
@@ -262,7 +266,7 @@ def _debit_update(
 
 def _refusal(
     old: Mapping[str, Any] | None, now: datetime, placing: Placing | None = None,
-) -> InsufficientCredits | CreditsExpired | LotsDue | LowerHoldDue | HoldDueMoved:
+) -> InsufficientCredits | CreditsExpired | LotsDue | LowerHoldDue | HoldDueMoved | TooManyHolds:
     """Why a condition failed, from the item as it was (ReturnValuesOnConditionCheckFailure=ALL_OLD)."""
     old = old or {}
     next_expiry = old.get("nextExp", {}).get("S")
@@ -271,9 +275,11 @@ def _refusal(
     hold_due = old.get(holds.HOLD_DUE, {}).get("S")
     if hold_due is not None and hold_due <= _time(now):
         return LotsDue(f"a hold of {old.get('offerGroup', {}).get('S')!r} is due")
+    if len(old.get(holds.PENDING, {}).get("SS", [])) >= holds.MAX_PENDING:
+        return LotsDue("holds wait for the book")
     if placing is not None:
-        if len(old.get(holds.PENDING, {}).get("SS", [])) >= holds.MAX_PENDING:
-            return LotsDue("holds wait for the book")
+        if int(old.get(holds.OPEN, {}).get("N", "0")) >= holds.MAX_OPEN:
+            return TooManyHolds(f"at most {holds.MAX_OPEN} open holds per group: settle or release one first")
         if placing.ref.attribute in old:
             # Only a keyed hold whose record expired and whose old hold is still there: rare, retry.
             return LotsDue(f"hold {placing.ref.hold_id!r} is still on the item")

@@ -8,7 +8,8 @@ that one item (no transaction, like a consume):
   close (`cq`, `cb`). `lx`: the soonest expiry among the lots it took from, once a rewrite knows them.
 - `hq_<rid>`, `hb_<rid>`: the item's `seq` and `balance` just before the hold was placed (set from the
   old item by the same UpdateItem, so they are exact).
-- `hs`: the ids of the holds with an event not yet in the book; `holdDue`: no hold expires before it;
+- `hs`: the ids of the holds with an event not yet in the book; `ho`: how many are open (at most
+  `MAX_OPEN`); `holdDue`: no hold expires before it;
   `hv`: counts hold writes, so a rewrite also fails when a hold changed since it read (a settle that
   returns nothing changes no `seq`).
 
@@ -42,10 +43,15 @@ from user_credits.store.models import BalanceRecord, IdempotencyRecord, group_sk
 from user_credits.store.transactions import StaleRead
 
 HOLD_ROUTE: Final = "hold"
+# The remembered outcomes of closed holds: a key space of their own (not an Idempotency-Key's).
+OUTCOME_ROUTE: Final = "hold-outcome"
 PREFIX, OPEN_SEQ, OPEN_BALANCE = "h_", "hq_", "hb_"
-PENDING, HOLD_DUE, HOLD_WRITES = "hs", "holdDue", "hv"
-# Holds with an event not yet in the book, at most: the next hold write forces a rewrite first.
+PENDING, HOLD_DUE, HOLD_WRITES, OPEN = "hs", "holdDue", "hv", "ho"
+# Holds with an event not yet in the book, at most: the next write forces a rewrite first.
 MAX_PENDING: Final = 16
+# Open holds per group, at most: each weighs ~200 bytes on the balance item, which every consume pays
+# for by size (a write unit per KB), so past this a hold is refused (409 too_many_holds).
+MAX_OPEN: Final = 64
 # Errors that guarantee nothing was applied: retried by the one loop (`transactions.optimistic`).
 CONFLICTS: Final = frozenset({
     "TransactionConflictException", "TransactionInProgressException", "ThrottlingException",
@@ -182,19 +188,20 @@ def placing_clauses(ref: HoldRef, expires_at: datetime, now: datetime, lower_due
     clauses, a condition, names, values. `lower_due`: a hold that expires before the item's `holdDue`
     lowers it (a second attempt, see `logic.holds`)."""
     names = {"#h": ref.attribute, "#hq": OPEN_SEQ + ref.rid, "#hb": OPEN_BALANCE + ref.rid, "#hs": PENDING,
-             "#hd": HOLD_DUE, "#hv": HOLD_WRITES}
+             "#hd": HOLD_DUE, "#hv": HOLD_WRITES, "#ho": OPEN}
     values: dict[str, Any] = {
         ":hold": {"M": {"id": {"S": ref.hold_id}, "n": {"N": str(ref.tokens)}, "exp": {"S": stamp(expires_at)},
                         "at": {"S": stamp(now)}}},
-        ":hid": {"SS": [ref.rid]}, ":hexp": {"S": stamp(expires_at)}, ":hmax": {"N": str(MAX_PENDING)},
-        ":hnow": {"S": stamp(now)}, ":hone": {"N": "1"},
+        ":hid": {"SS": [ref.rid]}, ":hexp": {"S": stamp(expires_at)},
+        ":hnow": {"S": stamp(now)}, ":hone": {"N": "1"}, ":homax": {"N": str(MAX_OPEN)},
     }
     # The right-hand sides read the old item: the stamps are the seq and balance just before this write.
     sets = ("#h = :hold, #hq = if_not_exists(#s, :z), #hb = if_not_exists(#b, :z), "
             + ("#hd = :hexp" if lower_due else "#hd = if_not_exists(#hd, :hexp)"))
     due = "#hd > :hexp AND #hd > :hnow" if lower_due else "attribute_not_exists(#hd) OR (#hd > :hnow AND #hd <= :hexp)"
-    condition = f"attribute_not_exists(#h) AND ({due}) AND (attribute_not_exists(#hs) OR size(#hs) < :hmax)"
-    return sets, "#hs :hid, #hv :hone", condition, names, values
+    # (The gate on `hs` is the debit's own, as for every write.)
+    condition = f"attribute_not_exists(#h) AND ({due}) AND (attribute_not_exists(#ho) OR #ho < :homax)"
+    return sets, "#hs :hid, #hv :hone, #ho :hone", condition, names, values
 
 
 # ----------------------------------------------------------------------------- closing
@@ -241,16 +248,17 @@ def close_update(closing: Closing, now: datetime, table: str, key: Mapping[str, 
     delta = sum(m.delta for m in movements)
     names = {"#b": "balance", "#s": "seq", "#c": "change", "#u": "updatedAt", "#h": closing.ref.attribute,
              "#st": "st", "#t": "t", "#r": "r", "#cq": "cq", "#cb": "cb", "#n": "n", "#lx": "lx", "#ne": "nextExp",
-             "#hd": HOLD_DUE, "#hs": PENDING, "#hv": HOLD_WRITES}
+             "#hd": HOLD_DUE, "#hs": PENDING, "#hv": HOLD_WRITES, "#ho": OPEN}
     values: dict[str, Any] = {
         ":d": {"N": str(abs(delta))}, ":k": {"N": str(len(movements))}, ":change": {"S": change.to_json()},
         ":now": {"S": stamp(now)}, ":st": {"S": closing.status},
         ":t": {"N": str(closing.settled)}, ":r": {"N": str(closing.returned)}, ":n": {"N": str(closing.ref.tokens)},
         ":hid": {"SS": [closing.ref.rid]}, ":hmax": {"N": str(MAX_PENDING)}, ":one": {"N": "1"},
+        ":less": {"N": "-1"},
     }
     sign = "-" if delta < 0 else "+"
     expression = (f"SET #b = #b {sign} :d, #s = #s + :k, #c = :change, #u = :now, #h.#st = :st, #h.#t = :t, "
-                  "#h.#r = :r, #h.#cq = #s, #h.#cb = #b ADD #hs :hid, #hv :one")
+                  "#h.#r = :r, #h.#cq = #s, #h.#cb = #b ADD #hs :hid, #hv :one, #ho :less")
     condition = ("attribute_exists(#h) AND attribute_not_exists(#h.#st) AND #h.#n = :n"
                  " AND (attribute_not_exists(#h.#lx) OR #h.#lx > :now)"
                  " AND (attribute_not_exists(#ne) OR #ne > :now)"
@@ -325,7 +333,7 @@ def close(closing: Closing, now: datetime, key: Mapping[str, Any]) -> int:
 # ----------------------------------------------------------------------------- closed holds, remembered
 
 def archive_key(user_id: str, hold_id: str) -> str:
-    return scoped_key(user_id, HOLD_ROUTE, hold_id)
+    return scoped_key(user_id, OUTCOME_ROUTE, hold_id)
 
 
 def archive_record(user_id: str, outcome: Outcome, now: datetime) -> IdempotencyRecord:
@@ -353,10 +361,14 @@ def stored(outcome: Outcome) -> StoredResponse:
     return StoredResponse(200, outcome.body())
 
 
-def index_hold(user_id: str, offer_group: str, until: datetime) -> None:
+def index_hold(user_id: str, offer_group: str, hold_id: str, until: datetime) -> None:
     """Bring the group's entry in the sweep's index (`byDue`) forward to a hold's expiry, if sooner, so
     the sweep releases it (SPEC 2.9). Not on the hold's own write: an index write there would double
-    its write units. The stream function does it, well before any hold is due."""
+    its write units. The stream function does it, well before any hold is due; only while the hold is
+    still open on the item (a late batch must not point the entry at a hold that is gone)."""
+    ref = parse_ref(hold_id)
+    if ref is None:
+        return
     client: Any = BalanceRecord._get_connection().connection.client
     sort = due_sort(user_id, offer_group, until)
     try:
@@ -364,8 +376,9 @@ def index_hold(user_id: str, offer_group: str, until: datetime) -> None:
             TableName=BalanceRecord.Meta.table_name,
             Key={"userId": {"S": user_id}, "sk": {"S": group_sk(offer_group)}},
             UpdateExpression="SET #sh = :sh, #so = :so",
-            ConditionExpression="attribute_exists(#sk) AND (attribute_not_exists(#so) OR #so > :so)",
-            ExpressionAttributeNames={"#sh": "dueShard", "#so": "dueSort", "#sk": "sk"},
+            ConditionExpression=("attribute_exists(#h) AND attribute_not_exists(#h.#st)"
+                                 " AND (attribute_not_exists(#so) OR #so > :so)"),
+            ExpressionAttributeNames={"#sh": "dueShard", "#so": "dueSort", "#h": ref.attribute, "#st": "st"},
             ExpressionAttributeValues={":sh": {"S": due_shard(user_id, offer_group)}, ":so": {"S": sort}},
         )
     except ClientError as error:

@@ -28,6 +28,7 @@ def ledger_record(entry: LedgerEntry) -> LedgerRecord:
         note=entry.note,
         lotId=entry.lot_id,
         holdId=entry.hold_id,
+        subscriptionId=entry.subscription_id,
     )
 
 
@@ -57,6 +58,7 @@ def to_entry(record: LedgerRecord) -> LedgerEntry:
         note=record.note,
         lot_id=record.lotId,
         hold_id=record.holdId,
+        subscription_id=record.subscriptionId,
     )
 
 

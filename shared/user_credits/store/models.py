@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from pynamodb.attributes import (
+    BooleanAttribute,
     DiscriminatorAttribute,
     JSONAttribute,
     NumberAttribute,
@@ -30,6 +31,9 @@ GROUP_PREFIX = "GROUP#"
 BOOK_PREFIX = "BOOK#"
 ORDER_PREFIX = "ORDER#"
 LIMIT_PREFIX = "LIMIT#"
+SUBSCRIPTION_PREFIX = "SUB#"
+INVOICE_PREFIX = "INVOICE#"
+CUSTOMER_SK = "CUSTOMER"
 
 
 class OfferRecord(Model):
@@ -133,6 +137,10 @@ class OrderRecord(AccountItem, discriminator="order"):
     amountRefunded = NumberAttribute(default=0)
     # Stripe's cumulative amount_refunded of a refund that arrived before its payment: applied with it.
     pendingRefund = NumberAttribute(null=True)
+    # The Checkout Session the service created for this order (SPEC 2.10: only that session pays it).
+    sessionId = UnicodeAttribute(null=True)
+    # `payment` or `subscription` for an order made by POST /checkout.
+    checkoutMode = UnicodeAttribute(null=True)
     # The offer as it was when ordered, so that a catalog change cannot alter what was bought.
     offerSnapshot = JSONAttribute(null=True)
     # The last write's events with no balance change (PaymentInconsistent), for the stream function.
@@ -147,6 +155,38 @@ class PurchaseLimitRecord(AccountItem, discriminator="limit"):
     both pass the count of the user's orders (the loser counts again)."""
 
     ver = NumberAttribute()
+
+
+class CustomerRecord(AccountItem, discriminator="customer"):
+    """The user's one Stripe Customer (`CUSTOMER`), created once (SPEC 2.10)."""
+
+    customerId = UnicodeAttribute()
+    createdAt = UTCDateTimeAttribute()
+
+
+class SubscriptionRecord(AccountItem, discriminator="subscription"):
+    """A Stripe subscription of the user (`SUB#<id>`), as the webhook last learnt it."""
+
+    subscriptionId = UnicodeAttribute()
+    offerId = UnicodeAttribute()
+    offerGroup = UnicodeAttribute()
+    orderId = UnicodeAttribute()
+    quantity = NumberAttribute()
+    status = UnicodeAttribute()
+    currentPeriodEnd = UTCDateTimeAttribute(null=True)
+    cancelAtPeriodEnd = BooleanAttribute(default=False)
+    # Stripe's `created` of the subscription event the status came from: an older one changes nothing.
+    statusAt = NumberAttribute(default=0)
+    # The last write's events (SubscriptionPaymentFailed, SubscriptionCanceled), for the stream function.
+    change = UnicodeAttribute(null=True)
+
+
+class InvoiceRecord(AccountItem, discriminator="invoice"):
+    """An invoice that credited its lot (`INVOICE#<id>`): written with that credit, so it happens once."""
+
+    invoiceId = UnicodeAttribute()
+    subscriptionId = UnicodeAttribute()
+    creditedAt = UTCDateTimeAttribute()
 
 
 class SweepProgressRecord(AccountItem, discriminator="sweep"):
@@ -185,6 +225,8 @@ class LedgerRecord(Model):
     lotId = UnicodeAttribute(null=True)
     # The hold it came from (reasons hold, release, and a settle's excess consume).
     holdId = UnicodeAttribute(null=True)
+    # The subscription whose invoice credited it (reasons purchase, renewal).
+    subscriptionId = UnicodeAttribute(null=True)
 
 
 class IdempotencyRecord(Model):
@@ -215,13 +257,13 @@ def bind_tables(settings: Settings) -> None:
         return
     OfferRecord.Meta.table_name = settings.offers_table
     for account_model in (AccountItem, BalanceRecord, BookRecord, OrderRecord, PurchaseLimitRecord,
-                          SweepProgressRecord):
+                          CustomerRecord, SubscriptionRecord, InvoiceRecord, SweepProgressRecord):
         account_model.Meta.table_name = settings.accounts_table
     LedgerRecord.Meta.table_name = settings.ledger_table
     IdempotencyRecord.Meta.table_name = settings.idempotency_table
     models: tuple[type[Model], ...] = (
-        OfferRecord, AccountItem, BalanceRecord, BookRecord, OrderRecord, PurchaseLimitRecord, SweepProgressRecord,
-        LedgerRecord, IdempotencyRecord,
+        OfferRecord, AccountItem, BalanceRecord, BookRecord, OrderRecord, PurchaseLimitRecord, CustomerRecord,
+        SubscriptionRecord, InvoiceRecord, SweepProgressRecord, LedgerRecord, IdempotencyRecord,
     )
     for model in models:
         # A cached connection keeps the old table name (and the old endpoint).

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from user_credits.domain.changes import Change, GroupWrite
-from user_credits.store.models import BalanceRecord, OrderRecord
+from user_credits.store.models import BalanceRecord
 
 
 @dataclass(frozen=True)
-class OrderWrite:
-    """An order item's change: events with no balance change (PaymentInconsistent)."""
+class EventsWrite:
+    """An order's or a subscription's change: events with no balance change (PaymentInconsistent,
+    SubscriptionPaymentFailed, SubscriptionCanceled)."""
 
     user_id: str
-    order_id: str
+    item: str
     change: Change
 
 
@@ -29,7 +30,7 @@ def _change_text(image: Mapping[str, Any] | None) -> str | None:
     return str(text) if text is not None else None
 
 
-def read_record(dynamodb: Mapping[str, Any]) -> GroupWrite | OrderWrite | None:
+def read_record(dynamodb: Mapping[str, Any]) -> GroupWrite | EventsWrite | None:
     """The change a stream record's `dynamodb` part carries (DynamoDB JSON images), or None."""
     new, old = dynamodb.get("NewImage"), dynamodb.get("OldImage")
     text = _change_text(new)
@@ -45,7 +46,6 @@ def read_record(dynamodb: Mapping[str, Any]) -> GroupWrite | OrderWrite | None:
             balance_before=int(before.balance) if before is not None else 0,
             seq_after=int(after.seq), balance_after=int(after.balance), expires_at=after.expiresAt,
         )
-    if kind == "order":
-        order = OrderRecord.from_raw_data(dict(new))
-        return OrderWrite(order.userId, order.orderId, Change.from_json(text))
+    if kind in ("order", "subscription"):
+        return EventsWrite(new["userId"]["S"], new["sk"]["S"], Change.from_json(text))
     return None
