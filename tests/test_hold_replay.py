@@ -82,8 +82,9 @@ class Reference:
 
     def close(self, hold_id: str, settled: int) -> None:
         """Keep the first `settled` tokens in the order taken, give the rest back (paying first, as a
-        credit would, the debt that consumes left meanwhile: in the spending order of their lots); a
-        settle above the hold consumes the excess."""
+        credit would, the debt that consumes left meanwhile, then the other holds' uncovered parts,
+        which then count as taken from that lot: in the spending order of the returned tokens' lots);
+        a settle above the hold consumes the excess."""
         hold = self.holds.pop(hold_id)
         keep = min(settled, hold.tokens)
         back = []
@@ -94,7 +95,14 @@ class Reference:
         for lot_id, n in sorted(back, key=lambda part: self.keys[part[0]]):
             paying = min(n, self.debt)
             self.debt -= paying
-            self.remaining[lot_id] += n - paying
+            left = n - paying
+            for other in self.holds.values():
+                covering = min(left, other.uncovered)
+                if covering:
+                    other.uncovered -= covering
+                    other.parts.append((lot_id, covering))
+                    left -= covering
+            self.remaining[lot_id] += left
         self.debt += min(keep, hold.uncovered)
         if settled > hold.tokens:
             self.consume(settled - hold.tokens)

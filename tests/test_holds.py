@@ -232,7 +232,7 @@ def test_a_hold_counts_for_low_balance_like_a_consume(service: Any, ids: Any, ev
 def test_a_rewrite_that_read_before_a_settle_returning_nothing_reads_again(
         service: Any, ids: Any, balanced: Any, monkeypatch: Any) -> None:
     """Such a settle changes no seq; the rewrite's guard still sees it (the item's count of hold writes)."""
-    import user_credits.logic.grants as grants_logic
+    import user_credits.logic.expiry as grants_logic  # a grant reads the group through expiry.read_touched
 
     user, group = ids("u"), ids("g")
     first = grant(service, user, group, 10, priority=10).body["lotId"]

@@ -320,22 +320,35 @@ class Book:
         present = {lot.lot_id: lot for lot in self.lots}
         expired = tuple((lot_id, n) for lot_id, n in back if lot_id and lot_id not in present)
         debt = sum(n for lot_id, n in back if not lot_id)
-        # Consumes made while these tokens were held may have left a debt: the returned tokens pay it
-        # first, as a new lot would (SPEC 1: in debt, every live lot is empty), in spending order.
+        # Debt left meanwhile is paid from the returned tokens first, in spending order, as a new lot
+        # would pay it (SPEC 1: in debt, every live lot is empty): the consumes' debt, then other
+        # holds' uncovered parts, which then count as taken from that lot (a release gives them back).
+        others = [h for h in self.holds if h.hold_id != hold_id]
         plain_debt = self.debt - sum(h.uncovered for h in self.holds)
         to_lots: list[tuple[str, int]] = []
         paid_debt = 0
         for lot_id, n in sorted(((lot_id, n) for lot_id, n in back if lot_id in present),
                                 key=lambda part: present[part[0]].spending_key()):
-            paying = min(n, plain_debt - paid_debt)
+            paying = min(n, plain_debt)
+            plain_debt -= paying
             paid_debt += paying
-            if n - paying:
-                to_lots.append((lot_id, n - paying))
-        gains = dict(to_lots)
+            left = n - paying
+            for number, other in enumerate(others):
+                covering = min(left, other.uncovered)
+                if covering:
+                    others[number] = replace(other, taken=(*other.taken, (lot_id, covering)),
+                                             uncovered=other.uncovered - covering)
+                    paid_debt += covering
+                    left -= covering
+            if left:
+                to_lots.append((lot_id, left))
+        # A hold may have taken from one lot in several parts (a credit or a return covered it later).
+        gains: dict[str, int] = {}
+        for lot_id, n in to_lots:
+            gains[lot_id] = gains.get(lot_id, 0) + n
         lots = tuple(replace(lot, remaining=lot.remaining + gains[lot.lot_id]) if lot.lot_id in gains else lot
                      for lot in self.lots)
-        book = replace(self, lots=lots, debt=self.debt - debt - paid_debt,
-                       holds=tuple(h for h in self.holds if h.hold_id != hold_id))
+        book = replace(self, lots=lots, debt=self.debt - debt - paid_debt, holds=tuple(others))
         excess = max(0, settled - hold.tokens)
         return book.burn(excess), Returned(tuple(to_lots), expired, debt, paid_debt, excess)
 

@@ -113,7 +113,8 @@ def _decide(
         except store.LotsDue:
             # Decided on the group as it is now (consumes since the refusal are in its balance), with
             # only its live lots: refused here, nothing is written.
-            require_credits(read_group(user_id, offer_group).book.without_due_holds(now), tokens, max_overdraft, now)
+            book, _ = read_group(user_id, offer_group).book.expire(now)
+            require_credits(book.without_due_holds(now), tokens, max_overdraft, now)
             # It would pass once the due lots (or holds) are gone: a rewrite, then decide again.
             expiry.expire_group(user_id, offer_group, now)
             try:

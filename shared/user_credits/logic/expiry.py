@@ -179,7 +179,7 @@ def _expire_once(user_id: str, offer_group: str, now: datetime) -> Expiry | None
         if not state.exists:
             return None
         book, movements = state.book.expire(now)
-        book, releases, released = release_due(state, book, now)
+        book, releases, released = release_due(book, now)
         movements += releases
         pending = any(hold.opened is not None or hold.closed is not None for hold in state.holds)
         hold_due = min((held.expires_at for held in book.holds), default=None)
@@ -205,12 +205,13 @@ def _expire_once(user_id: str, offer_group: str, now: datetime) -> Expiry | None
 RELEASES_PER_REWRITE = 32
 
 
-def release_due(state: GroupState, book: Book, now: datetime) -> tuple[Book, list[Movement], list[Outcome]]:
+def release_due(book: Book, now: datetime) -> tuple[Book, list[Movement], list[Outcome]]:
     """Release the holds of `book` past their expiresAt (SPEC 2.9), at most `RELEASES_PER_REWRITE`
     (the rest by the next rewrite: `expire_group` makes as many as it takes)."""
     movements: list[Movement] = []
     outcomes: list[Outcome] = []
-    balance = state.balance
+    # The balance as `book` leaves it (after the lots this rewrite expires), not as read.
+    balance = book.total
     due = sorted((held for held in book.holds if held.expires_at <= now), key=lambda h: h.expires_at)
     for held in due[:RELEASES_PER_REWRITE]:
         book, moves = close_in_book(book, held.hold_id, 0)
@@ -231,6 +232,16 @@ def close_in_book(book: Book, hold_id: str, settled: int) -> tuple[Book, list[Mo
     if returned.excess:
         moves.append(Movement(-returned.excess, "consume", hold_id=hold_id))
     return book, moves
+
+
+def read_touched(user_id: str, offer_group: str, now: datetime) -> GroupState:
+    """The group for a rewrite (purchase, grant, refund, renewal): its holds past their expiresAt are
+    released first (SPEC 2.9: as soon as the group is touched), by a rewrite of their own."""
+    state = read_group(user_id, offer_group)
+    if any(held.expires_at <= now for held in state.book.holds):
+        expire_group(user_id, offer_group, now)
+        state = read_group(user_id, offer_group)
+    return state
 
 
 def warn_group(user_id: str, offer_group: str, now: datetime, window_end: datetime) -> list[Lot]:

@@ -22,9 +22,10 @@ from user_credits.domain.changes import Event
 from user_credits.domain.clock import to_iso, utc_now
 from user_credits.domain.lots import DEFAULT_PRIORITY, Book, Movement, NewLot
 from user_credits.errors import ValidationFailed
+from user_credits.logic import expiry
 from user_credits.logic.consumption import require_credits
 from user_credits.observability import count
-from user_credits.store.balances import GroupState, read_group, stage_group_change
+from user_credits.store.balances import GroupState, stage_group_change
 from user_credits.store.idempotency import lookup, request_hash, scoped_key, stage_record
 from user_credits.store.transactions import commit, optimistic
 
@@ -87,7 +88,7 @@ def grant_credits(
             if stored is not None:
                 return GrantResult(stored.status_code, stored.body, fresh=False)
         now = utc_now()
-        before = read_group(user_id, offer_group)
+        before = expiry.read_touched(user_id, offer_group, now)
         plan = plan_grant(before, tokens, expires_at, key, now, note, priority)
         body: dict[str, Any] = {}
 

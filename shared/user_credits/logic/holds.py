@@ -113,7 +113,7 @@ def _close_by_rewrite(user_id: str, closing: store.Closing, now: datetime) -> st
     if on_item.outcome is not None:
         return _replay(on_item.outcome, closing)
     book, movements = state.book.expire(now)
-    book, releases, outcomes = expiry.release_due(state, book, now)
+    book, releases, outcomes = expiry.release_due(book, now)
     movements += releases
     mine = next((outcome for outcome in outcomes if outcome.hold_id == ref.hold_id), None)
     held = book.held(ref.hold_id)

@@ -47,6 +47,7 @@ from user_credits.errors import (
     ServiceBusy,
     ValidationFailed,
 )
+from user_credits.logic import expiry
 from user_credits.observability import logger
 from user_credits.payments import gateway
 from user_credits.payments.webhooks import StripeEvent
@@ -283,7 +284,7 @@ def plan_credit(user_id: str, order_id: str, lines: Sequence[CreditTerms], now: 
     """Read each group once and add a lot per order line for it (SPEC 2.4)."""
     groups = []
     for offer_group, group_terms in group_lines(lines).items():
-        state = read_group(user_id, offer_group)
+        state = expiry.read_touched(user_id, offer_group, now)
         groups.append((state, credit_group(state.book, group_terms, order_id, now)))
     return CreditPlan(tuple(groups))
 
@@ -545,7 +546,8 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
             return WebhookOutcome("duplicate", order_id)
         now = utc_now()
         credits = record.credits or []
-        states = {credit["offerGroup"]: read_group(user_id, credit["offerGroup"]) for credit in credits}
+        states = {credit["offerGroup"]: expiry.read_touched(user_id, credit["offerGroup"], now)
+                  for credit in credits}
         refund = plan_refund(credits, {g: s.book for g, s in states.items()}, refunded_now, amount, now)
 
         def build(tx: TransactWrite) -> None:

@@ -30,7 +30,7 @@ from user_credits.domain.offers import Offer
 from user_credits.domain.orders import Order
 from user_credits.domain.subscriptions import Subscription
 from user_credits.errors import CustomerNotFound, ValidationFailed
-from user_credits.logic import purchases
+from user_credits.logic import expiry, purchases
 from user_credits.observability import count, logger
 from user_credits.payments import gateway
 from user_credits.payments.webhooks import StripeEvent
@@ -229,7 +229,7 @@ def on_invoice_paid(event: StripeEvent) -> tuple[str, str | None]:
             logger.error("inconsistent invoice", extra={"order_id": order_id, "problem": problem})
             return "ignored_inconsistent", order_id
         starts, ends = period
-        state = read_group(user_id, record.offerGroup)
+        state = expiry.read_touched(user_id, record.offerGroup, now)
         book, movements = state.book.expire(now)
         offer = Offer.from_json(dict((record.offerSnapshot or {}).get("offer") or {}))
         first = invoice.get("billing_reason") == "subscription_create"
