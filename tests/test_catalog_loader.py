@@ -38,6 +38,14 @@ def test_the_example_catalog_is_valid_and_shows_each_kind_of_offer() -> None:
     assert any(o.unlocked_by and o.overriding_key for o in offers.values()), "an unlocked overriding offer"
     assert any(o.combined_items for o in offers.values()), "a bundle"
     assert any(set(o.prices.values()) == {0} for o in offers.values()), "a free offer"
+    # Issue 13: a monthly plan with an allowance, a top-up that never expires in its group, a free trial
+    # once per user (the README's walkthrough, step 8).
+    plan = offers["pro-monthly"]
+    assert (plan.billing, plan.cycle, plan.append_date) == ("recurring", "monthly", False) and plan.tokens > 0
+    assert any(o.offer_group == plan.offer_group and o.billing == "one_time" and o.cycle == "once"
+               for o in offers.values()), "a top-up in the plan's group"
+    trial = offers["trial"]
+    assert set(trial.prices.values()) == {0} and trial.per_user_limit == 1
 
 
 def test_a_valid_file_loads_every_offer_and_a_reload_updates_them(service: Any, tmp_path: Path) -> None:

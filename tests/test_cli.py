@@ -235,8 +235,11 @@ def test_the_example_catalog_unlocks_the_pro_pack_and_gives_the_trial_for_free(d
     trial = _order(dev_server, user, "trial")
     assert (trial["status"], trial["amount"], trial["paymentIntentId"]) == ("paid", 0, None)
 
-    pro = _order(dev_server, user, "pro-monthly")
-    paid = dev_server.cli("pay", pro["orderId"])
+    # A plan is a subscription: bought through Checkout, paid by its first invoice.
+    pro = requests.post(f"{dev_server.url}/checkout", json={
+        "offerId": "pro-monthly", "successUrl": "https://app.example/thanks",
+        "cancelUrl": "https://app.example/pricing"}, headers=auth(user), timeout=30).json()
+    paid = dev_server.cli("checkout-complete", pro["sessionId"])
     assert paid.returncode == 0, paid.stdout + paid.stderr
 
     after = visible()

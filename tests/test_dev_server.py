@@ -2,7 +2,9 @@
 
 The README walkthrough runs end to end (offers -> order -> `user-credits pay` ->
 consume -> ledger, with a CreditsLow event in the server's log); a second start on the same data
-directory finds everything the first one wrote; bad requests get the handlers' own errors.
+directory finds everything the first one wrote; its step 8 (Checkout of the monthly plan, the top-up,
+a renewal, a failed renewal, a cancellation, the portal, the free trial twice) runs as the README shows
+it; bad requests get the handlers' own errors.
 """
 
 from __future__ import annotations
@@ -216,6 +218,119 @@ def test_walkthrough_runs_over_http_and_a_restart_keeps_the_data(own_server: Dev
     assert again.status_code == 200
     assert {g["offerGroup"]: g["balance"] for g in again.json()["groups"]} == {"ai-tokens": 755}
     assert [o["orderId"] for o in again.json()["orders"]] == [order["orderId"]]
+
+
+PAGES = {"successUrl": "https://app.example/thanks", "cancelUrl": "https://app.example/pricing"}
+
+
+def test_walkthrough_step_8_a_plan_its_top_up_a_renewal_and_a_cancellation(dev_server: DevServer) -> None:
+    """README step 8, command by command: POST /checkout, `checkout-complete`, the top-up with POST /orders
+    and `pay`, `renew`, GET /credits, `fail-renewal`, `cancel`, GET /subscriptions, the portal, the trial."""
+    user = f"plan-{uuid.uuid4().hex[:8]}"
+    base = dev_server.url
+    headers = auth(user)
+
+    def subscriptions() -> list[dict[str, Any]]:
+        listed = requests.get(f"{base}/subscriptions", headers=headers, timeout=10)
+        assert listed.status_code == 200, listed.text
+        found: list[dict[str, Any]] = listed.json()["subscriptions"]
+        return found
+
+    def pro_lots() -> list[dict[str, Any]]:
+        credits = requests.get(f"{base}/credits", headers=headers, timeout=10).json()
+        [group] = [g for g in credits["groups"] if g["offerGroup"] == "pro"]
+        found: list[dict[str, Any]] = group["lots"]
+        return found
+
+    def events(detail_type: str) -> list[dict[str, Any]]:
+        marker = f"EVENT {detail_type} "
+        lines = [line.split(marker, 1)[1] for line in dev_server.log().splitlines() if marker in line]
+        return [e for e in map(json.loads, lines) if e["userId"] == user]
+
+    # The plan is not sold as a one-off order, and the portal needs a checkout first.
+    refused = requests.post(f"{base}/orders", json={"offerId": "pro-monthly"}, headers=headers, timeout=30)
+    assert (refused.status_code, refused.json()["error"]) == (422, "validation_error")
+    portal = requests.post(f"{base}/billing-portal", json={"returnUrl": "https://app.example/account"},
+                           headers=headers, timeout=30)
+    assert (portal.status_code, portal.json()["error"]) == (404, "customer_not_found")
+
+    # Check out the monthly plan: the url is the fake's hosted page, which names the command that pays it.
+    begun = _built(requests.post(f"{base}/checkout", json={"offerId": "pro-monthly", **PAGES}, headers=headers,
+                                 timeout=30), "POST /checkout")
+    assert begun.status_code == 201, begun.text
+    session = begun.json()
+    assert session["sessionId"].startswith("cs_test_")
+    assert session["url"].endswith(f"/_fake/checkout/{session['sessionId']}")
+    page = requests.get(session["url"], timeout=10)
+    assert page.status_code == 200 and f"user-credits checkout-complete {session['sessionId']}" in page.text
+
+    completed = dev_server.cli("checkout-complete", session["sessionId"])
+    assert completed.returncode == 0, completed.stdout + completed.stderr + dev_server.log()[-3000:]
+    assert [line.split(" ", 1)[0] for line in completed.stdout.splitlines()] == [
+        "checkout.session.completed", "customer.subscription.created", "invoice.paid"]
+    [subscription] = subscriptions()
+    sub = subscription["subscriptionId"]
+    assert sub in completed.stdout
+    assert (subscription["offerId"], subscription["offerGroup"], subscription["status"]) == (
+        "pro-monthly", "pro", "active")
+    # The first invoice: the allowance, expiring at the period end; the checkout's order is paid.
+    [allowance] = pro_lots()
+    assert (allowance["source"], allowance["granted"], allowance["subscriptionId"]) == ("subscription", 2000, sub)
+    assert allowance["expiresAt"] == subscription["currentPeriodEnd"]
+    order = requests.get(f"{base}/orders/{session['orderId']}", headers=headers, timeout=10).json()["order"]
+    assert (order["status"], order["expiresAt"]) == ("paid", subscription["currentPeriodEnd"])
+
+    # The top-up, unlocked by the plan's group, bought like any pack.
+    visible = {o["offerId"] for o in requests.get(f"{base}/offers", headers=headers, timeout=10).json()["offers"]}
+    assert {"pro-top-up", "tokens-250-pro"} <= visible
+    topped = requests.post(f"{base}/orders", json={"offerId": "pro-top-up"}, headers=headers, timeout=30)
+    assert topped.status_code == 201, topped.text
+    top_up = topped.json()["order"]
+    assert (top_up["offerGroup"], top_up["amount"], top_up["status"]) == ("pro", 900, "pending")
+    paid = dev_server.cli("pay", top_up["orderId"])
+    assert paid.returncode == 0, paid.stdout + paid.stderr
+
+    # A renewal: a new lot for the next period, beside the first month's and the top-up.
+    renewed = dev_server.cli("renew", sub)
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    lots = pro_lots()
+    assert [(lot["source"], lot["granted"], lot["remaining"]) for lot in lots] == [
+        ("subscription", 2000, 2000), ("subscription", 2000, 2000), ("order", 500, 500)]
+    assert lots[1]["startsAt"] == lots[0]["expiresAt"] and lots[2]["expiresAt"] is None
+    ledger = requests.get(f"{base}/credits/ledger", params={"offerGroup": "pro"}, headers=headers, timeout=10)
+    assert [(e["reason"], e["delta"]) for e in ledger.json()["items"]] == [
+        ("renewal", 2000), ("purchase", 500), ("purchase", 2000)]
+
+    # A failed renewal: past_due and its event; then a cancellation: canceled and its event, no more renewals.
+    failed = dev_server.cli("fail-renewal", sub)
+    assert failed.returncode == 0, failed.stdout + failed.stderr
+    assert subscriptions()[0]["status"] == "past_due"
+    [payment_failed] = events("SubscriptionPaymentFailed")
+    assert (payment_failed["subscriptionId"], payment_failed["status"], payment_failed["balance"]) == (
+        sub, "past_due", 4500)
+    canceled = dev_server.cli("cancel", sub)
+    assert canceled.returncode == 0, canceled.stdout + canceled.stderr
+    [listed] = subscriptions()
+    assert (listed["subscriptionId"], listed["status"], listed["cancelAtPeriodEnd"]) == (sub, "canceled", False)
+    [cancellation] = events("SubscriptionCanceled")
+    assert (cancellation["subscriptionId"], cancellation["orderId"]) == (sub, session["orderId"])
+    again = dev_server.cli("renew", sub)
+    assert again.returncode == 2 and f"subscription {sub} is canceled" in again.stderr
+    assert len(pro_lots()) == 3  # the lots live on until they expire
+    service = requests.get(f"{base}/users/{user}/subscriptions", timeout=10)
+    assert service.status_code == 200 and service.json()["subscriptions"] == [listed]
+    portal = requests.post(f"{base}/billing-portal", json={"returnUrl": "https://app.example/account"},
+                           headers=headers, timeout=30)
+    assert portal.status_code == 201 and "/_fake/billing_portal/bps_" in portal.json()["url"]
+
+    # The free trial: once per user; free, so not through Checkout.
+    trial = requests.post(f"{base}/orders", json={"offerId": "trial"}, headers=headers, timeout=30)
+    assert trial.status_code == 201, trial.text
+    assert (trial.json()["order"]["status"], trial.json()["order"]["amount"]) == ("paid", 0)
+    second = requests.post(f"{base}/orders", json={"offerId": "trial"}, headers=headers, timeout=30)
+    assert (second.status_code, second.json()["error"]) == (409, "purchase_limit_reached")
+    free_checkout = requests.post(f"{base}/checkout", json={"offerId": "trial", **PAGES}, headers=headers, timeout=30)
+    assert (free_checkout.status_code, free_checkout.json()["error"]) == (422, "validation_error")
 
 
 def _http(server: DevServer, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:

@@ -264,3 +264,19 @@ def test_the_service_route_lists_a_users_subscriptions(shop: Shop, ids: Any) -> 
     assert reply.status == 200 and reply.body["subscriptions"] == subscriptions(shop, user)
     assert datetime.fromisoformat(reply.body["subscriptions"][0]["currentPeriodEnd"].replace("Z", "+00:00")) > \
         datetime.now(UTC) + timedelta(days=27)
+
+
+def test_an_abandoned_checkout_expires_and_no_longer_counts_against_the_limit(shop: Shop, ids: Any) -> None:
+    user = ids("u")
+    offer_id, _ = plan(shop, perUserLimit=1)
+    begun = started(shop, user, offer_id)
+    assert checkout(shop, user, offer_id).status == 409
+    session = {**shop.fake.session(begun["sessionId"]), "status": "expired"}
+    expired = {"id": f"evt_{ids('x')}", "object": "event", "api_version": "2025-09-30.clover",
+               "created": int(datetime.now(UTC).timestamp()), "data": {"object": session}, "livemode": False,
+               "pending_webhooks": 1, "request": {"id": None, "idempotency_key": None},
+               "type": "checkout.session.expired"}
+    deliver_all(shop, [expired, expired])
+    order = shop.service.call("GET", f"/orders/{begun['orderId']}", user=user).body["order"]
+    assert order["status"] == "canceled"
+    assert checkout(shop, user, offer_id).status == 201

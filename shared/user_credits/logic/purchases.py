@@ -313,7 +313,7 @@ class WebhookOutcome:
     order_id: str | None = None
 
 
-def _stage_event_record(tx: TransactWrite, event: StripeEvent, order_id: str, action: str, now: datetime) -> None:
+def stage_event_record(tx: TransactWrite, event: StripeEvent, order_id: str, action: str, now: datetime) -> None:
     """The record that this Stripe event had its effect, written with that effect (24 h, like keys)."""
     key = idempotency.scoped_key(WEBHOOK_SCOPE[0], WEBHOOK_SCOPE[1], event.event_id)
     idempotency.stage_record(
@@ -414,7 +414,7 @@ def credit_paid_order(
     def build(tx: TransactWrite) -> None:
         order_store.stage_order_update(tx, record, order_actions)
         plan.stage(tx, user_id, order_id, now, refund)
-        _stage_event_record(tx, event, order_id, "paid", now)
+        stage_event_record(tx, event, order_id, "paid", now)
 
     commit(build)
     return WebhookOutcome(action, order_id)
@@ -485,7 +485,7 @@ def _mark_inconsistent(
     def build(tx: TransactWrite) -> None:
         order_store.stage_order_update(tx, record, [OrderRecord.status.set("inconsistent")], now,
                                        events=[inconsistent])
-        _stage_event_record(tx, event, record.orderId, "inconsistent", now)
+        stage_event_record(tx, event, record.orderId, "inconsistent", now)
 
     commit(build)
     logger.error("inconsistent payment", extra={"order_id": record.orderId, "problem": problem})
@@ -501,7 +501,7 @@ def _status_change(new_status: str, allowed_from: tuple[str, ...]) -> Callable[[
 
             def build(tx: TransactWrite) -> None:
                 order_store.stage_order_update(tx, record, [OrderRecord.status.set(new_status)])
-                _stage_event_record(tx, event, record.orderId, new_status, now)
+                stage_event_record(tx, event, record.orderId, new_status, now)
 
             commit(build)
             return WebhookOutcome(new_status, record.orderId)
@@ -556,7 +556,7 @@ def _on_charge_refunded(event: StripeEvent) -> WebhookOutcome:
                 if revocation.changes:
                     stage_group_change(tx, states[group], _from_order(revocation.changes, order_id),
                                        revocation.book, now)
-            _stage_event_record(tx, event, order_id, refund.status, now)
+            stage_event_record(tx, event, order_id, refund.status, now)
 
         commit(build)
         return WebhookOutcome(refund.status, order_id)
@@ -574,7 +574,7 @@ def _remember_refund(record: OrderRecord, event: StripeEvent, refunded: int) -> 
 
     def build(tx: TransactWrite) -> None:
         order_store.stage_order_update(tx, record, [OrderRecord.pendingRefund.set(refunded)])
-        _stage_event_record(tx, event, record.orderId, "refund_remembered", now)
+        stage_event_record(tx, event, record.orderId, "refund_remembered", now)
 
     commit(build)
     return WebhookOutcome("refund_remembered", record.orderId)

@@ -56,6 +56,7 @@ def _on_checkout_completed(event: StripeEvent) -> WebhookOutcome:
 HANDLERS: Final[dict[str, Callable[[StripeEvent], WebhookOutcome]]] = {
     **purchases.HANDLERS,
     "checkout.session.completed": _on_checkout_completed,
+    "checkout.session.expired": _outcome(subscriptions.on_checkout_expired),
     "invoice.paid": _outcome(subscriptions.on_invoice_paid),
     "invoice.payment_failed": _outcome(subscriptions.on_payment_failed),
     "customer.subscription.updated": _outcome(subscriptions.on_subscription_changed),

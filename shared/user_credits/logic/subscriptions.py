@@ -389,6 +389,30 @@ def on_checkout_completed(event: StripeEvent) -> tuple[str, OrderRecord | None, 
     return "pay", record, problem
 
 
+def on_checkout_expired(event: StripeEvent) -> tuple[str, str | None]:
+    """`checkout.session.expired`: the customer left the page and Stripe closed it. The order of a
+    session we created is `canceled`, so that it no longer counts against a `perUserLimit`."""
+    ref = _ref(_mapping(event.object.get("metadata")))
+    if ref is None:
+        return "ignored_not_ours", None
+    mode = "subscription" if event.object.get("mode") == "subscription" else "payment"
+
+    def cancel(record: OrderRecord) -> purchases.WebhookOutcome:
+        if record.sessionId != event.text("id") or record.checkoutMode != mode:
+            return purchases.WebhookOutcome("ignored_foreign_session", record.orderId)
+        now = utc_now()
+
+        def build(tx: TransactWrite) -> None:
+            order_store.stage_order_update(tx, record, [OrderRecord.status.set("canceled")])
+            purchases.stage_event_record(tx, event, record.orderId, "canceled", now)
+
+        commit(build)
+        return purchases.WebhookOutcome("canceled", record.orderId)
+
+    outcome = purchases.apply_to_order(event, "payment_intent", ("pending",), cancel)
+    return outcome.action, outcome.order_id
+
+
 def session_received(event: StripeEvent) -> dict[str, Any]:
     return {"amount": event.object.get("amount_total"), "currency": event.text("currency"),
             "sessionId": event.text("id")}

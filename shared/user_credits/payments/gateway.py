@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import stripe
-from stripe.params.checkout import SessionCreateParams, SessionCreateParamsLineItemPriceData
 
 from user_credits.config import load_settings
 from user_credits.errors import IdempotencyKeyReused, PaymentProviderError
 from user_credits.payments.secrets import api_key
+
+if TYPE_CHECKING:
+    # Typing only (importing stripe's params package costs start-up time): mypy checks our names against them.
+    from stripe.params.checkout import SessionCreateParams, SessionCreateParamsLineItemPriceData
 
 # Safe to retry: every create carries an idempotency key, so Stripe replays instead of charging twice.
 NETWORK_RETRIES = 2
