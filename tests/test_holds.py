@@ -8,15 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import time_machine
+from test_consume import grant
 
 from user_credits.store.models import LedgerRecord
-
-
-def grant(service: Any, user: str, group: str, tokens: int, **extra: Any) -> Any:
-    reply = service.call("POST", f"/admin/users/{user}/grants", {"offerGroup": group, "tokens": tokens, **extra},
-                         iam=True)
-    assert reply.status == 201, reply.body
-    return reply
 
 
 def hold(service: Any, user: str, group: str, tokens: int, key: str | None = None, **extra: Any) -> Any:

@@ -147,13 +147,10 @@ def create_order(
     user_id: str, request: OrderRequest, body: Mapping[str, Any], key: str | None
 ) -> tuple[int, dict[str, Any]]:
     """POST /orders: (status, body). With an Idempotency-Key, a repeat returns the first response."""
-    record_key = body_hash = None
-    if key is not None:
-        record_key = idempotency.scoped_key(user_id, ORDER_ROUTE, key)
-        body_hash = idempotency.request_hash(dict(body))
-        stored = idempotency.lookup(record_key, body_hash)
-        if stored is not None:
-            return stored.status_code, stored.body
+    keyed = idempotency.keyed_call(user_id, ORDER_ROUTE, key, body)
+    if keyed.replay is not None:
+        return keyed.replay.status_code, keyed.replay.body
+    record_key, body_hash = keyed.record_key, keyed.body_hash
     now = utc_now()
     offer, currency = orderable_offer(user_id, request, now)
     items = item_offers(offer)

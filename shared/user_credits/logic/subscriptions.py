@@ -60,13 +60,10 @@ def checkout(
     user_id: str, request: CheckoutRequest, body: Mapping[str, Any], key: str | None,
 ) -> tuple[int, dict[str, Any]]:
     """POST /checkout: 201 {"orderId", "sessionId", "url"}. With an Idempotency-Key a repeat replays."""
-    record_key = body_hash = None
-    if key is not None:
-        record_key = idempotency.scoped_key(user_id, CHECKOUT_ROUTE, key)
-        body_hash = idempotency.request_hash(dict(body))
-        stored = idempotency.lookup(record_key, body_hash)
-        if stored is not None:
-            return stored.status_code, stored.body
+    keyed = idempotency.keyed_call(user_id, CHECKOUT_ROUTE, key, body)
+    if keyed.replay is not None:
+        return keyed.replay.status_code, keyed.replay.body
+    record_key, body_hash = keyed.record_key, keyed.body_hash
     now = utc_now()
     offer, currency = purchases.orderable_offer(
         user_id, purchases.OrderRequest(request.offer_id, request.quantity, request.currency), now,

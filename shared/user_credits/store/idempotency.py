@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -59,6 +60,24 @@ def lookup(record_key: str, body_hash: str) -> StoredResponse | None:
     if record.status != "completed" or record.statusCode is None:
         return None
     return StoredResponse(int(record.statusCode), record.response)
+
+
+@dataclass(frozen=True)
+class KeyedCall:
+    """A request as its Idempotency-Key sees it: its record's key and body hash (None without a key),
+    and the first response if this is a repeat."""
+
+    record_key: str | None = None
+    body_hash: str | None = None
+    replay: StoredResponse | None = None
+
+
+def keyed_call(user_id: str, route: str, key: str | None, body: Mapping[str, Any]) -> KeyedCall:
+    """Look the key up (one GetItem); a different body under the same key is refused."""
+    if key is None:
+        return KeyedCall()
+    record_key, body_hash = scoped_key(user_id, route, key), request_hash(dict(body))
+    return KeyedCall(record_key, body_hash, lookup(record_key, body_hash))
 
 
 def stage_record(
