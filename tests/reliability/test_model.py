@@ -1,7 +1,9 @@
 """The service against a model: random interleavings of purchases, deliveries (duplicated, failed),
 consumes, holds (placed, settled below, at and above what they hold, released, repeated, left to
-expire), refunds, grants, sweeps and clock jumps, through the real handlers, checked step by step
-against a small in-memory model of SPEC.md's rules.
+expire), refunds, grants, sweeps and clock jumps, and a monthly plan (SPEC 2.10: checked out, renewed as
+its periods end, renewals failing and retried, canceled at once or at the period end, its Stripe events
+delivered in any order, late and more than once, beside a top-up of the same group), through the real
+handlers, checked step by step against a small in-memory model of SPEC.md's rules.
 
 The model is written independently of the code under test (months come from dateutil, not from
 `domain.durations`), so a shared mistake would have to be made twice.
@@ -25,7 +27,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from user_credits.logic.invariants import check_user
-from user_credits.store.models import LedgerRecord
+from user_credits.store.expiry import SWEEP_SK, SWEEP_USER
+from user_credits.store.models import LedgerRecord, SweepProgressRecord
 from user_credits_dev.stripe_fake import payment_intent_event
 
 pytest_plugins = ["stripe_fixtures"]
@@ -38,6 +41,15 @@ OFFERS: dict[str, dict[str, Any]] = {
     "trial": {"offerGroup": "g2", "tokens": 5, "cycle": "daily", "prices": {"usd": 0}},
     "topup": {"offerGroup": "g1", "tokens": 30, "cycle": "once", "prices": {"usd": 200}, "priority": 80},
 }
+# SPEC 2.10: a plan renewed monthly, in the group of `monthly` and `topup`; bought with POST /checkout
+# only (so not among OFFERS, which place_order samples).
+PLAN: dict[str, Any] = {"offerGroup": "g1", "tokens": 40, "cycle": "monthly", "billing": "recurring",
+                        "kind": "subscription", "prices": {"usd": 900}, "priority": 40}
+PAGES = {"successUrl": "https://shop.example/done", "cancelUrl": "https://shop.example/cart"}
+# Stripe retries a delivery for up to three days, then gives the event up: a monthly plan's invoice is
+# thus always delivered within the period it pays. (A lot credited after its period ended is never
+# expired by the sweep: tests/test_subscription_faults.py shows it with a daily plan.)
+STRIPE_GIVES_UP = timedelta(days=3)
 DURATIONS = {"once": None, "daily": relativedelta(days=1), "weekly": relativedelta(weeks=1),
              "monthly": relativedelta(months=1)}
 # SPEC 2.9: a hold lives 15 minutes unless asked otherwise (ttlSeconds), at most a day.
@@ -46,7 +58,7 @@ DEFAULT_HOLD_TTL = 15 * 60
 REMEMBERED = timedelta(days=1)
 # Ledger reasons whose sums are compared at every step; `expire` and the total only after a sweep (when
 # an expired lot's entry is written before that is the implementation's choice).
-EXACT_REASONS = ("purchase", "grant", "consume", "hold", "release", "refund")
+EXACT_REASONS = ("purchase", "renewal", "grant", "consume", "hold", "release", "refund")
 
 
 @dataclass
@@ -325,6 +337,19 @@ class Model:
         for group in self.groups.values():
             group.touch(now)
 
+    def invoice_paid(self, invoice: dict[str, Any], now: datetime, order_id: str) -> None:
+        """SPEC 2.10: a lot of the plan's tokens x quantity from the start to the end of the period the
+        invoice pays (its lines' period), named after the invoice; `purchase` for the subscription's
+        first invoice, `renewal` after. Added as any credit is (expired lots first, debt paid from it)."""
+        periods = [line["period"] for line in invoice["lines"]["data"]]
+        starts = datetime.fromtimestamp(min(p["start"] for p in periods), UTC)
+        ends = datetime.fromtimestamp(max(p["end"] for p in periods), UTC)
+        quantity = sum(line["quantity"] for line in invoice["lines"]["data"])
+        reason = "purchase" if invoice["billing_reason"] == "subscription_create" else "renewal"
+        group = self.groups[PLAN["offerGroup"]]
+        group.touch(now)
+        group.add(PLAN["tokens"] * quantity, starts, ends, PLAN["priority"], reason, order_id, invoice["id"])
+
 
 def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids: Any) -> None:
     from stripe_fixtures import API_KEY, WEBHOOK_SECRET, Shop
@@ -336,7 +361,7 @@ def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids
     shop = Shop(fresh_service, stripe_fake, ids)
     catalog: dict[str, str] = {}
     with time_machine.travel(START, tick=False):
-        for name, body in OFFERS.items():
+        for name, body in {**OFFERS, "plan": PLAN}.items():
             offer_id = ids(name)
             reply = fresh_service.call("PUT", f"/admin/offers/{offer_id}", body, iam=True)
             assert reply.status == 201, reply.body
@@ -353,8 +378,20 @@ def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids
             self.paid: list[Order] = []
             self.clock = time_machine.travel(START, tick=False)
             self.traveller = self.clock.start()
+            # Each example's clock starts again at START: the sweep's stored position (table-wide), left
+            # ahead of it by an earlier example, would pass over this example's lots due before it.
+            SweepProgressRecord(SWEEP_USER, SWEEP_SK).delete()
             self.steps = 0
             self.swept = False
+            # SPEC 2.10: the plan's subscription (the latest checked out), its order, and Stripe's side:
+            # events sent and not yet delivered (in no promised order), and those delivered (Stripe may
+            # deliver them again); the invoices credited, the subscriptions whose deletion was delivered.
+            self.subscription: str | None = None
+            self.subscription_orders: dict[str, str] = {}
+            self.outbox: list[dict[str, Any]] = []
+            self.delivered: list[dict[str, Any]] = []
+            self.credited_invoices: set[str] = set()
+            self.deleted: set[str] = set()
 
         def teardown(self) -> None:
             self.clock.stop()
@@ -517,6 +554,106 @@ def test_service_agrees_with_the_model(fresh_service: Any, stripe_fake: Any, ids
         @rule(minutes=st.sampled_from([1, 10, 16, 61, 600]))
         def minutes_pass(self, minutes: int) -> None:
             self.traveller.shift(timedelta(minutes=minutes))
+
+        # -- the plan (SPEC 2.10)
+
+        def live_subscription(self) -> dict[str, Any] | None:
+            """The plan's subscription as Stripe holds it, unless there is none or it has ended."""
+            if self.subscription is None:
+                return None
+            found = shop.fake.subscription(self.subscription)
+            return None if found["status"] == "canceled" else found
+
+        def subscribe(self) -> None:
+            """Checkout of the plan, and the customer paying on Stripe's page at once."""
+            reply = fresh_service.call("POST", "/checkout", {"offerId": catalog["plan"], **PAGES}, user=self.user)
+            assert reply.status == 201, reply.body
+            self.outbox += shop.fake.complete_session(reply.body["sessionId"])
+            self.subscription = shop.fake.session(reply.body["sessionId"])["subscription"]
+            self.subscription_orders[self.subscription] = reply.body["orderId"]
+
+        @rule(paid=st.sampled_from([True, True, False]))
+        def the_plan_bills(self, paid: bool) -> None:
+            """Without a live subscription, the user subscribes. Else the clock passes the end of the
+            current period and Stripe bills the next one: paid, or not (past_due); a past_due
+            subscription's open invoice is retried a day later (paid, or failing again), and once the
+            period it bills is over Stripe gives up and cancels. One set to cancel at the period end
+            ends there instead."""
+            found = self.live_subscription()
+            if found is None:
+                self.subscribe()
+                return
+            end = datetime.fromtimestamp(found["items"]["data"][0]["current_period_end"], UTC)
+            if found["status"] == "past_due":
+                self.traveller.shift(timedelta(days=1))
+                if self.now() >= end:
+                    self.outbox += shop.fake.cancel(found["id"])
+                    return
+            else:
+                if self.now() < end:
+                    self.traveller.shift(end - self.now() + timedelta(minutes=1))
+                # Stripe's periods are calendar months counted from the anchor (Jan 31 -> Feb 28 -> Mar 31).
+                anchor = datetime.fromtimestamp(found["billing_cycle_anchor"], UTC)
+                assert any(anchor + relativedelta(months=n) == end for n in range(1, 60)), (anchor, end)
+            if paid or found["cancel_at_period_end"]:
+                self.outbox += shop.fake.renew(found["id"])
+            else:
+                self.outbox += shop.fake.fail_renewal(found["id"])
+
+        @precondition(lambda self: self.live_subscription() is not None)
+        @rule(at_period_end=st.booleans())
+        def customer_cancels(self, at_period_end: bool) -> None:
+            found = self.live_subscription()
+            assert found is not None
+            at_period_end = at_period_end and not found["cancel_at_period_end"]
+            self.outbox += shop.fake.cancel(found["id"], at_period_end=at_period_end)
+
+        def deliverable(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """Those Stripe has not given up yet."""
+            now = self.now()
+            return [e for e in events if now - datetime.fromtimestamp(e["created"], UTC) <= STRIPE_GIVES_UP]
+
+        @precondition(lambda self: self.outbox)
+        @rule(data=st.data())
+        def stripe_delivers(self, data: st.DataObject) -> None:
+            """Any one event not yet delivered (Stripe promises no order)."""
+            self.outbox = self.deliverable(self.outbox)
+            if self.outbox:
+                event = self.outbox.pop(data.draw(st.integers(0, len(self.outbox) - 1)))
+                self.deliver_stripe_event(event)
+                self.delivered.append(event)
+
+        @precondition(lambda self: self.outbox)
+        @rule(data=st.data())
+        def stripe_catches_up(self, data: st.DataObject) -> None:
+            """Everything not yet delivered, in any order."""
+            for event in data.draw(st.permutations(self.deliverable(self.outbox))):
+                self.deliver_stripe_event(event)
+                self.delivered.append(event)
+            self.outbox = []
+
+        @precondition(lambda self: self.delivered)
+        @rule(data=st.data())
+        def stripe_delivers_again(self, data: st.DataObject) -> None:
+            again = self.deliverable(self.delivered)
+            if again:
+                self.deliver_stripe_event(data.draw(st.sampled_from(again)))
+
+        def deliver_stripe_event(self, event: dict[str, Any]) -> None:
+            reply = shop.deliver(event)
+            assert reply.status == 200, (event["type"], reply.body)
+            obj = event["data"]["object"]
+            if event["type"] == "customer.subscription.deleted":
+                self.deleted.add(obj["id"])
+                mine = fresh_service.call("GET", "/subscriptions", user=self.user).body["subscriptions"]
+                assert [s["status"] for s in mine if s["subscriptionId"] == obj["id"]] == ["canceled"], mine
+            elif event["type"] == "invoice.paid":
+                subscription = obj["parent"]["subscription_details"]["subscription"]
+                # Once per invoice; nothing once the subscription's end is known (SPEC 2.10).
+                if obj["id"] in self.credited_invoices or subscription in self.deleted:
+                    return
+                self.credited_invoices.add(obj["id"])
+                self.model.invoice_paid(obj, self.now(), self.subscription_orders[subscription])
 
         @invariant()
         def balances_and_ledger_agree(self) -> None:

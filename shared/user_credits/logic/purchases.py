@@ -310,6 +310,12 @@ class WebhookOutcome:
     order_id: str | None = None
 
 
+def event_recorded(event: StripeEvent) -> bool:
+    """Whether this Stripe event already had its effect (its record, see `stage_event_record`)."""
+    key = idempotency.scoped_key(WEBHOOK_SCOPE[0], WEBHOOK_SCOPE[1], event.event_id)
+    return idempotency.lookup(key, idempotency.request_hash({"type": event.type, "object": event.object})) is not None
+
+
 def stage_event_record(tx: TransactWrite, event: StripeEvent, order_id: str, action: str, now: datetime) -> None:
     """The record that this Stripe event had its effect, written with that effect (24 h, like keys)."""
     key = idempotency.scoped_key(WEBHOOK_SCOPE[0], WEBHOOK_SCOPE[1], event.event_id)

@@ -235,6 +235,10 @@ def on_invoice_paid(event: StripeEvent) -> tuple[str, str | None]:
                      order_id=order_id, subscription_id=subscription_id)
         book, movement = book.credit(lot, reason)
         movements.append(replace(movement, order_id=order_id, subscription_id=subscription_id))
+        # An invoice delivered after the period it pays has ended: its lot expires at once, here (the
+        # sweep has passed that time already).
+        book, late = book.expire(now)
+        movements += late
         current = before or Subscription(subscription_id, user_id, record.offerId, record.offerGroup, order_id,
                                          int(record.quantity), "active", status_at=0)
         after = replace(current, current_period_end=max(filter(None, (current.current_period_end, ends))))
@@ -243,8 +247,13 @@ def on_invoice_paid(event: StripeEvent) -> tuple[str, str | None]:
             after = replace(after, status="active", status_at=event.created)
         order_actions = _order_paid_through(record, starts, ends)
 
+        granted, expired = _granted(user_id, record, lot, reason, now), expiry.expired_events(state, movements, now)
+
+        def events(after_state: GroupState) -> list[Event]:
+            return [*granted(after_state), *expired(after_state)]
+
         def build(tx: TransactWrite) -> None:
-            stage_group_change(tx, state, movements, book, now, events=_granted(user_id, record, lot, reason, now))
+            stage_group_change(tx, state, movements, book, now, events=events)
             store.stage_invoice(tx, user_id, invoice_id, subscription_id, now)
             store.stage_subscription(tx, before, after, now)
             if order_actions:
@@ -334,15 +343,21 @@ def _change_status(
         before = store.read_subscription(user_id, subscription_id)
         current = before or Subscription(subscription_id, user_id, record.offerId, record.offerGroup, order_id,
                                          int(record.quantity), "incomplete", status_at=0)
-        if created < current.status_at or current.ended:
+        # A payment failure is news once per Stripe event, whatever the status says by now (the update
+        # to past_due may come first): its record, written with it, makes a redelivery a duplicate.
+        failure = event_type == "SubscriptionPaymentFailed"
+        if failure and purchases.event_recorded(event):
+            return "duplicate", order_id
+        stale = created < current.status_at or current.ended
+        if stale and not failure:
             # Older than what we know (Stripe does not deliver in order), or over: nothing changes.
             return "ignored_stale", order_id
-        after = replace(change(current), status_at=created)
-        if before is not None and after == before:
+        after = current if stale else replace(change(current), status_at=created)
+        if before is not None and after == before and not failure:
             return "duplicate", order_id
         events: list[Event] = []
-        # A payment failure is news each time (a newer event); a cancellation once (nothing follows it).
-        if event_type is not None and (event_type == "SubscriptionPaymentFailed" or after.status != current.status):
+        # A cancellation is sent once (nothing follows it).
+        if event_type is not None and (failure or after.status != current.status):
             group = read_group(user_id, record.offerGroup)
             now = utc_now()
             events = [Event(event_type, {
@@ -353,6 +368,8 @@ def _change_status(
 
         def build(tx: TransactWrite) -> None:
             store.stage_subscription(tx, before, after, utc_now(), events)
+            if failure:
+                purchases.stage_event_record(tx, event, order_id, "past_due", utc_now())
 
         commit(build)
         return after.status, order_id
@@ -411,6 +428,7 @@ def on_checkout_expired(event: StripeEvent) -> tuple[str, str | None]:
 
 
 def session_received(event: StripeEvent) -> dict[str, Any]:
+    """What a paid Checkout Session says was paid; its PaymentIntent goes on the order (refunds find it)."""
     return {"amount": event.object.get("amount_total"), "currency": event.text("currency"),
-            "sessionId": event.text("id")}
+            "sessionId": event.text("id"), "paymentIntentId": _id_of(event.object.get("payment_intent"))}
 
