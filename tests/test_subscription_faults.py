@@ -374,7 +374,7 @@ def test_a_checkout_whose_stripe_call_fails_then_retried_with_its_key_happens_on
     assert_one_checkout(shop, user, offer_id, key, retried(shop, user, offer_id, key))
 
 
-# ---------------------------------------------------------------- found here (shared/ code to mend)
+# ---------------------------------------------------------------- found by these tests (mended in f8166a6)
 
 
 @pytest.mark.parametrize("how", ["out_of_order", "retried_after_a_crash"])
@@ -385,8 +385,9 @@ def test_a_payment_failure_delivered_after_its_past_due_update_still_sends_its_e
     `customer.subscription.updated` (status past_due) at the same moment, in no promised order; and a
     failure whose delivery got a 500 is redelivered minutes later, after that update. Either way the
     update lands first, and the failure then finds the subscription as it would leave it (same status,
-    same `statusAt`, since both events share their `created` second): `_change_status` takes it for a
-    duplicate and sends nothing. (With the update a second later, it is `ignored_stale`: the same loss.)"""
+    same `statusAt`, both events sharing their `created` second; or, an update a second later, newer):
+    judged by the subscription's state it looked like a duplicate (or stale), and nothing was sent. It
+    is now judged by its own event's record."""
     shop = local_shop
     user, _, sub_id = running(shop, ids)
     events = shop.fake.fail_renewal(sub_id)
@@ -407,11 +408,10 @@ def test_a_one_time_checkout_paid_is_refundable_whichever_of_its_two_events_come
 ) -> None:
     """SPEC 2.10: `checkout.session.completed` credits like `payment_intent.succeeded`; SPEC 2.4: a
     `charge.refunded` then revokes. A charge names only its PaymentIntent (no metadata), so the refund
-    finds the order through its `paymentIntentId` (the byPaymentIntent index). When the session's event is
-    applied first, `credit_paid_order` is handed `subscriptions.session_received`, which has no
-    `paymentIntentId` (the session's `payment_intent` is not read), so the order never records it; the
-    PaymentIntent's own event then finds the order paid (a duplicate, nothing written): the refund is
-    `ignored_no_order`, and the tokens stay. (`payment_intent` first passes.)"""
+    finds the order through its `paymentIntentId` (the byPaymentIntent index). With the session's event
+    applied first, the order did not record it (`session_received` did not read the session's
+    `payment_intent`), the PaymentIntent's own event then found the order paid (a duplicate, nothing
+    written): the refund was `ignored_no_order`, and the tokens stayed."""
     from user_credits_dev.stripe_fake import charge_refunded_event
 
     shop = local_shop
@@ -450,10 +450,10 @@ def test_a_lot_credited_after_its_period_ended_is_expired_by_the_next_sweep(swee
     """SPEC 2.6: every lot whose expiresAt <= now with remaining > 0 goes to 0 with an `expire` entry
     (and a CreditsExpired event). A daily plan's first `invoice.paid` got a 500 and Stripe's retry lands
     an hour after the period it pays ended (Stripe retries for three days): the lot is credited already
-    expired, and its group's due-index entry (`nextExp`, its expiresAt) sorts before the position the
-    sweep stored on its last run (`store.expiry`: a run reads only from that position to now), so no
-    sweep ever expires it: no `expire` entry, no CreditsExpired, until some other write touches the
-    group. (Not spendable meanwhile: balances are right.)"""
+    expired. Its group's due-index entry (`nextExp`, its expiresAt) sorts before the position the sweep
+    stored on its last run (`store.expiry`: a run reads only from that position to now), so no sweep
+    would ever expire it (no `expire` entry, no CreditsExpired until another write touched the group):
+    the credit expires it at once."""
     shop = sweep_shop
     user = ids("u")
     offer_id, group = shop.offer(tokens=10, cycle="daily", prices={"usd": 100}, billing="recurring",

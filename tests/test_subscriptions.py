@@ -280,3 +280,15 @@ def test_an_abandoned_checkout_expires_and_no_longer_counts_against_the_limit(sh
     order = shop.service.call("GET", f"/orders/{begun['orderId']}", user=user).body["order"]
     assert order["status"] == "canceled"
     assert checkout(shop, user, offer_id).status == 201
+
+
+def test_a_payment_failure_redelivered_days_later_is_still_a_duplicate(shop: Shop, ids: Any) -> None:
+    """Stripe retries for three days, longer than an Idempotency-Key's day: the event's record lasts 4."""
+    user = ids("u")
+    deliver_all(shop, shop.fake.complete_session(started(shop, user, plan(shop)[0])["sessionId"]))
+    failed = next(e for e in shop.fake.fail_renewal(subscriptions(shop, user)[0]["subscriptionId"])
+                  if e["type"] == "invoice.payment_failed")
+    deliver_all(shop, [failed])
+    with time_machine.travel(datetime.now(UTC) + timedelta(days=3), tick=True):
+        deliver_all(shop, [{**failed}])  # a redelivery (the signature is made now)
+    assert len([e for e in shop.service.events.of_type("SubscriptionPaymentFailed") if e["userId"] == user]) == 1

@@ -47,8 +47,8 @@ PLAN: dict[str, Any] = {"offerGroup": "g1", "tokens": 40, "cycle": "monthly", "b
                         "kind": "subscription", "prices": {"usd": 900}, "priority": 40}
 PAGES = {"successUrl": "https://shop.example/done", "cancelUrl": "https://shop.example/cart"}
 # Stripe retries a delivery for up to three days, then gives the event up: a monthly plan's invoice is
-# thus always delivered within the period it pays. (A lot credited after its period ended is never
-# expired by the sweep: tests/test_subscription_faults.py shows it with a daily plan.)
+# thus always delivered within the period it pays. (A lot credited after its period ended expires at
+# once, as the sweep has passed its time: tests/test_subscription_faults.py, with a daily plan.)
 STRIPE_GIVES_UP = timedelta(days=3)
 DURATIONS = {"once": None, "daily": relativedelta(days=1), "weekly": relativedelta(weeks=1),
              "monthly": relativedelta(months=1)}

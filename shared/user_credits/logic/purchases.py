@@ -316,12 +316,16 @@ def event_recorded(event: StripeEvent) -> bool:
     return idempotency.lookup(key, idempotency.request_hash({"type": event.type, "object": event.object})) is not None
 
 
+# Stripe retries a delivery for up to three days: an event's record outlives that.
+EVENT_RECORD_SECONDS: Final = 4 * 24 * 3600
+
+
 def stage_event_record(tx: TransactWrite, event: StripeEvent, order_id: str, action: str, now: datetime) -> None:
-    """The record that this Stripe event had its effect, written with that effect (24 h, like keys)."""
+    """The record that this Stripe event had its effect, written with that effect (kept 4 days)."""
     key = idempotency.scoped_key(WEBHOOK_SCOPE[0], WEBHOOK_SCOPE[1], event.event_id)
     idempotency.stage_record(
         tx, key, idempotency.request_hash({"type": event.type, "object": event.object}), 200,
-        {"orderId": order_id, "action": action}, now,
+        {"orderId": order_id, "action": action}, now, ttl_seconds=EVENT_RECORD_SECONDS,
     )
 
 

@@ -81,15 +81,18 @@ def keyed_call(user_id: str, route: str, key: str | None, body: Mapping[str, Any
 
 
 def stage_record(
-    tx: TransactWrite, record_key: str, body_hash: str, status_code: int, response: Any, now: datetime
+    tx: TransactWrite, record_key: str, body_hash: str, status_code: int, response: Any, now: datetime,
+    ttl_seconds: int = TTL_SECONDS,
 ) -> None:
-    """Add the key's record to the transaction that performs the effect; fails it if the key exists."""
+    """Add the key's record to the transaction that performs the effect; fails it if the key exists
+    (an expired record is no record: DynamoDB's TTL deletes lazily, `lookup` ignores it already)."""
+    epoch = int(now.timestamp())
     tx.save(
         IdempotencyRecord(
             record_key, requestHash=body_hash, status="completed", statusCode=status_code, response=response,
-            ttl=int(now.timestamp()) + TTL_SECONDS, createdAt=now,
+            ttl=epoch + ttl_seconds, createdAt=now,
         ),
-        condition=IdempotencyRecord.key.does_not_exist(),
+        condition=IdempotencyRecord.key.does_not_exist() | (IdempotencyRecord.ttl <= epoch),
     )
 
 
