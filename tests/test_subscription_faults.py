@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import time_machine
 from conftest import Backend, EventRecorder, Service, SimulatedCrash
+from test_subscriptions import lots, subscriptions
 
 from user_credits.payments import gateway
 from user_credits.store.models import LedgerRecord
@@ -60,16 +61,6 @@ def plan(shop: Shop, **fields: Any) -> tuple[str, str]:
                       **fields)
 
 
-def subscriptions(shop: Shop, user: str) -> list[dict[str, Any]]:
-    reply = shop.service.call("GET", "/subscriptions", user=user)
-    assert reply.status == 200, reply.body
-    found: list[dict[str, Any]] = reply.body["subscriptions"]
-    return found
-
-
-def lots(shop: Shop, user: str, group: str) -> list[dict[str, Any]]:
-    groups = shop.service.call("GET", "/credits", user=user).body["groups"]
-    return next((g["lots"] for g in groups if g["offerGroup"] == group), [])
 
 
 def entries(user: str) -> list[tuple[int, str]]:

@@ -48,7 +48,7 @@ from user_credits.errors import (
     ValidationFailed,
 )
 from user_credits.logic import expiry
-from user_credits.observability import logger
+from user_credits.observability import count, logger
 from user_credits.payments import gateway
 from user_credits.payments.webhooks import StripeEvent
 from user_credits.store import idempotency
@@ -170,20 +170,30 @@ def create_order(
     order = replace(order, payment_intent_id=intent.payment_intent_id)
     response = {"order": order.to_json(client_secret=intent.client_secret)}
     record = order_store.new_order_record(order, credits=[], offer_snapshot=snapshot)
+    return store_pending_order(record, lock, keyed, response, now)
 
+
+def store_pending_order(
+    record: OrderRecord, lock: order_store.LimitLock | None, keyed: idempotency.KeyedCall,
+    response: dict[str, Any], now: datetime, metric: str | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Store a pending order (POST /orders, POST /checkout) with its limit lock and its key's record, in
+    one transaction; 201 with `response` (`metric` is counted when this call stored it)."""
     def build(tx: TransactWrite) -> None:
         order_store.stage_new_order(tx, record)
         if lock is not None:
             order_store.stage_limit_lock(tx, lock)
-        if record_key is not None and body_hash is not None:
-            idempotency.stage_record(tx, record_key, body_hash, 201, response, now)
+        if keyed.record_key is not None and keyed.body_hash is not None:
+            idempotency.stage_record(tx, keyed.record_key, keyed.body_hash, 201, response, now)
 
     try:
         commit(build)
     except StaleRead:
         # A request with the same key collides on the derived order id: answer what it answered. Else
         # a concurrent order of a limited offer won the lock: retry (it then counts that order).
-        return replay_or_busy(record_key, body_hash)
+        return replay_or_busy(keyed.record_key, keyed.body_hash)
+    if metric is not None:
+        count(metric)
     return 201, response
 
 

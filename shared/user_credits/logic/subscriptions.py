@@ -31,7 +31,7 @@ from user_credits.domain.orders import Order
 from user_credits.domain.subscriptions import Subscription
 from user_credits.errors import CustomerNotFound, ValidationFailed
 from user_credits.logic import expiry, purchases
-from user_credits.observability import count, logger
+from user_credits.observability import logger
 from user_credits.payments import gateway
 from user_credits.payments.webhooks import StripeEvent
 from user_credits.store import idempotency
@@ -39,7 +39,7 @@ from user_credits.store import orders as order_store
 from user_credits.store import subscriptions as store
 from user_credits.store.balances import GroupState, read_group, stage_group_change
 from user_credits.store.models import OrderRecord
-from user_credits.store.transactions import StaleRead, commit, optimistic
+from user_credits.store.transactions import commit, optimistic
 
 CHECKOUT_ROUTE: Final = "POST /checkout"
 
@@ -63,7 +63,6 @@ def checkout(
     keyed = idempotency.keyed_call(user_id, CHECKOUT_ROUTE, key, body)
     if keyed.replay is not None:
         return keyed.replay.status_code, keyed.replay.body
-    record_key, body_hash = keyed.record_key, keyed.body_hash
     now = utc_now()
     offer, currency = purchases.orderable_offer(
         user_id, purchases.OrderRequest(request.offer_id, request.quantity, request.currency), now,
@@ -91,20 +90,7 @@ def checkout(
     record = order_store.new_order_record(order, credits=[], offer_snapshot=snapshot)
     record.sessionId = session.session_id
     record.checkoutMode = "subscription" if offer.billing == "recurring" else "payment"
-
-    def build(tx: TransactWrite) -> None:
-        order_store.stage_new_order(tx, record)
-        if lock is not None:
-            order_store.stage_limit_lock(tx, lock)
-        if record_key is not None and body_hash is not None:
-            idempotency.stage_record(tx, record_key, body_hash, 201, response, now)
-
-    try:
-        commit(build)
-    except StaleRead:
-        return purchases.replay_or_busy(record_key, body_hash)
-    count("Checkouts")
-    return 201, response
+    return purchases.store_pending_order(record, lock, keyed, response, now, metric="Checkouts")
 
 
 def _line(offer: Offer, currency: str, quantity: int) -> gateway.CheckoutLine:
