@@ -129,9 +129,11 @@ def _resolve(value: Any, tables: Mapping[str, str]) -> str:
 def functions(tables: Mapping[str, str]) -> list[FunctionSpec]:
     """Each function with its environment (table !Refs resolved to `tables`) and its HTTP routes."""
     specs = []
+    shared = _variables(load_template().get("Globals", {}).get("Function", {}))
     for logical, resource in resources("AWS::Serverless::Function").items():
         props = resource["Properties"]
-        env = {k: _resolve(v, tables) for k, v in (props.get("Environment", {}).get("Variables") or {}).items()}
+        # As SAM deploys it: the Globals' variables, with the function's own added over them.
+        env = {k: _resolve(v, tables) for k, v in {**shared, **_variables(props)}.items()}
         routes = []
         schedule = stream = None
         batch_size = 100
@@ -158,6 +160,10 @@ def functions(tables: Mapping[str, str]) -> list[FunctionSpec]:
             )
         )
     return specs
+
+
+def _variables(props: Mapping[str, Any]) -> dict[str, Any]:
+    return dict((props.get("Environment") or {}).get("Variables") or {})
 
 
 def _stream_table(value: Any) -> str:
