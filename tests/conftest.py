@@ -146,6 +146,15 @@ class EventRecorder:
         """The details as sent, `eventId` included."""
         return [json.loads(e["Detail"]) for e in self.entries if e["DetailType"] == detail_type]
 
+    def distinct(self, detail_type: str) -> list[dict[str, Any]]:
+        """`of_type` as a consumer that honours SPEC 4 sees it: a redelivered event (same eventId) once."""
+        seen: dict[str, dict[str, Any]] = {}
+        for detail in self.sent(detail_type):
+            seen.setdefault(str(detail.get("eventId")), detail)
+        for detail in seen.values():
+            assert re.fullmatch(r"[0-9a-f]{32}", str(detail.pop("eventId", ""))), detail
+        return list(seen.values())
+
     def of_type(self, detail_type: str) -> list[dict[str, Any]]:
         """The details without their `eventId`, which every one must carry (SPEC 4)."""
         details = self.sent(detail_type)
