@@ -323,11 +323,14 @@ def debit(
     debit places that hold.
     """
     request = _debit_update(user_id, offer_group, tokens, max_overdraft, now, keyed, placing)
+    # A consume answers the group's expiresAt, which it does not write: the whole item. A hold answers its
+    # own expiry, and its balance always changes: only what it wrote, not the other holds on the item.
+    returned = "ALL_NEW" if placing is None else "UPDATED_NEW"
 
     def decide() -> dict[str, Any]:
         try:
             response: dict[str, Any] = _single_attempt_client().update_item(
-                **request, ReturnValues="ALL_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD")
+                **request, ReturnValues=returned, ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as error:
             if _error_code(error) == "ConditionalCheckFailedException":
                 old: Any = error.response.get("Item")
