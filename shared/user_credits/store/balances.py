@@ -23,7 +23,7 @@ from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
 from user_credits.domain.changes import Change, Event
-from user_credits.domain.lots import Book, Held, Movement, current_book
+from user_credits.domain.lots import Book, Held, Movement, replay
 from user_credits.errors import ServiceBusy
 from user_credits.store import holds as hold_items
 from user_credits.store.due import due_shard, due_sort
@@ -67,30 +67,32 @@ class TornRead(Exception):
     """A balance and a book from different rewrites (a read that a transaction interleaved): read again."""
 
 
-def book_of(record: BalanceRecord, book: BookRecord | None, holds: Sequence[hold_items.ItemHold] = ()) -> Book:
-    """The group's book as of now; the two items must come from the same rewrite."""
+def stored_book(record: BalanceRecord, book: BookRecord | None) -> Book:
+    """The book as the last rewrite stored it; the two items must come from the same rewrite."""
     version = int(record.bookVer or 0)
     if (book.ver if book is not None else 0) != version:
         raise TornRead(f"book {book.ver if book else None} != balance's {version} for {record.offerGroup!r}")
-    events = [event for hold in holds for event in (hold.opened, hold.closed) if event is not None]
-    return current_book(record.offerGroup, book.book if book is not None else None, int(record.balance), events)
+    return Book.from_record(record.offerGroup, book.book if book is not None else None)
 
 
 def to_state(record: BalanceRecord, book: BookRecord | None, raw: Mapping[str, Any] | None = None) -> GroupState:
     holds = tuple(hold_items.holds_on(raw)) if raw is not None else ()
+    stored = stored_book(record, book)
+    events = [event for hold in holds for event in (hold.opened, hold.closed) if event is not None]
     return GroupState(
         user_id=record.userId,
         offer_group=record.offerGroup,
         balance=int(record.balance),
         seq=int(record.seq),
         exists=True,
-        book=book_of(record, book, holds),
+        # The book as of now: the stored one with everything since applied (`domain.lots.replay`).
+        book=replay(stored, events, int(record.balance)),
         stored_next_expiry=record.nextExp,
         book_version=int(record.bookVer or 0),
         holds=holds,
         stored_hold_due=hold_items.hold_due(raw) if raw is not None else None,
         hold_writes=hold_items.hold_writes(raw) if raw is not None else None,
-        stored_holds=Book.from_record(record.offerGroup, book.book if book is not None else None).holds,
+        stored_holds=stored.holds,
         stored_due_sort=record.dueSort,
     )
 
