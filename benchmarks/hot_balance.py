@@ -436,11 +436,13 @@ def _grant_loop(ours: _Ours, user: str, start_at: float, duration: float, interv
 
 
 def _profile(runners: dict[str, Any], ours_user: str, floor_user: str, requests: int) -> dict[str, Any]:
-    from benchmarks.consume_profile import profile
+    from benchmarks.consume_profile import handler_alone, profile
 
     ours, floor = runners["ours"], runners["floor"]
     ours_event, floor_key = ours.prepare(ours_user), floor.prepare(floor_user)
-    return profile({"ours": lambda: ours.call(ours_event), "floor": lambda: floor.call(floor_key)}, requests)
+    result = profile({"ours": lambda: ours.call(ours_event), "floor": lambda: floor.call(floor_key)}, requests)
+    result["handler_alone"] = handler_alone(lambda: ours.call(ours_event), requests)
+    return result
 
 
 # ---------------------------------------------------------------- the parent side
