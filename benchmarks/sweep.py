@@ -5,7 +5,8 @@ the balances are written in bulk, a first sweep runs before anything is due (it 
 position, as the scheduled function does every few minutes in production), the clock moves past the
 due instants (time-machine), and the measured sweep expires the due groups; a repeat sweep right after
 should find nothing. Items read are counted from botocore's `after-call` event on every DynamoDB client
-pynamodb makes: Query/Scan `ScannedCount`, 1 per GetItem.
+pynamodb makes (`user_credits_dev.meters.ReadMeter`, the tests' meter too): Query/Scan `ScannedCount`, 1 per
+GetItem, the items a BatchGetItem returned.
 
 The events (CreditsExpired, CreditsExpiringSoon) and the ledger entries come from the Accounts table's
 stream: after each sweep (untimed, outside the read meter's window) a StreamPump delivers what the sweep
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import uuid
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from user_credits_dev.meters import ReadMeter
 
 from benchmarks.common import (
     RESULTS_DIR,
@@ -40,42 +42,6 @@ from benchmarks.common import (
 
 SIZES = (100, 1_000, 10_000)
 DUE_SHARE = 0.01
-
-
-@dataclass
-class ReadMeter:
-    """Items read, from botocore's `after-call` event (the same rule as tests/test_sweep.py)."""
-
-    items: int = 0
-    requests: Counter[str] = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def after_call(self, parsed: dict[str, Any], model: Any, **_: Any) -> None:
-        with self.lock:
-            self.requests[model.name] += 1
-            if model.name in ("Query", "Scan"):
-                self.items += int(parsed.get("ScannedCount", parsed.get("Count", 0)))
-            elif model.name == "GetItem":
-                self.items += 1
-
-    def reset(self) -> None:
-        with self.lock:
-            self.items = 0
-            self.requests.clear()
-
-
-def install(meter: ReadMeter) -> None:
-    """Every botocore session pynamodb makes from now on reports to `meter`."""
-    import pynamodb.connection.base as pynamodb_base
-
-    make_session = pynamodb_base.get_session
-
-    def metered_session() -> Any:
-        session = make_session()
-        session.register("after-call.dynamodb", meter.after_call)
-        return session
-
-    pynamodb_base.get_session = metered_session
 
 
 @dataclass
@@ -221,8 +187,10 @@ def main() -> None:
 
     apply_base_env()
     warnings.filterwarnings("ignore", message="No application metrics to publish")
+    from user_credits_dev.meters import ReadMeter, meter_pynamodb_sessions
+
     meter = ReadMeter()
-    install(meter)
+    meter_pynamodb_sessions(meter)
     engine = DynamoDBLocal().start()
     try:
         client = boto3.client("dynamodb", endpoint_url=engine.endpoint)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from user_credits.store.models import (
 )
 from user_credits_dev import template as tpl
 from user_credits_dev.lambda_events import LambdaContext, scheduled_event
+from user_credits_dev.meters import ReadMeter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2031, 3, 10, 12, 0, 0, tzinfo=UTC)
@@ -71,44 +70,6 @@ def local_sweep_service(
 ) -> Iterator[Service]:
     """The same on DynamoDB Local only: for races, where moto's transactions are not enough."""
     yield from _on_own_tables(ddblocal_backend, monkeypatch, events)
-
-
-@dataclass
-class ReadMeter:
-    """Counts the DynamoDB items read, from botocore's `after-call` event on every client pynamodb makes.
-
-    Query/Scan count what DynamoDB examined (`ScannedCount`, which a filter would not reduce); a GetItem
-    counts 1 even when the item is missing, since it is charged all the same.
-    """
-
-    items: int = 0
-    by_operation: Counter[str] = field(default_factory=Counter)
-    requests: Counter[str] = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def after_call(self, parsed: dict[str, Any], model: Any, **_: Any) -> None:
-        with self.lock:
-            self._add(model.name, parsed)
-
-    def _add(self, operation: str, parsed: dict[str, Any]) -> None:
-        self.requests[operation] += 1
-        if operation in ("Query", "Scan"):
-            read = int(parsed.get("ScannedCount", parsed.get("Count", len(parsed.get("Items", [])))))
-        elif operation == "GetItem":
-            read = 1
-        elif operation == "BatchGetItem":
-            read = sum(len(items) for items in parsed.get("Responses", {}).values())
-        elif operation == "TransactGetItems":
-            read = len(parsed.get("Responses", []))
-        else:
-            return
-        self.items += read
-        self.by_operation[operation] += read
-
-    def reset(self) -> None:
-        self.items = 0
-        self.by_operation.clear()
-        self.requests.clear()
 
 
 @pytest.fixture
