@@ -29,6 +29,7 @@ from user_credits.store.models import bind_tables
 from user_credits_dev import template as tpl
 from user_credits_dev.dynamodb_local import DynamoDBLocal, free_port
 from user_credits_dev.lambda_events import LambdaContext, http_api_event, scheduled_event
+from user_credits_dev.moto_server import serial_moto_server
 from user_credits_dev.streams import StreamPump
 
 BASE_ENV = {
@@ -79,11 +80,9 @@ def _make_backend(name: str, endpoint: str) -> Backend:
 def moto_backend() -> Iterator[Backend]:
     import logging
 
-    from moto.server import ThreadedMotoServer
-
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = serial_moto_server(port)
     server.start()
     try:
         yield _make_backend("moto", f"http://127.0.0.1:{port}")
@@ -145,15 +144,6 @@ class EventRecorder:
     def sent(self, detail_type: str) -> list[dict[str, Any]]:
         """The details as sent, `eventId` included."""
         return [json.loads(e["Detail"]) for e in self.entries if e["DetailType"] == detail_type]
-
-    def distinct(self, detail_type: str) -> list[dict[str, Any]]:
-        """`of_type` as a consumer that honours SPEC 4 sees it: a redelivered event (same eventId) once."""
-        seen: dict[str, dict[str, Any]] = {}
-        for detail in self.sent(detail_type):
-            seen.setdefault(str(detail.get("eventId")), detail)
-        for detail in seen.values():
-            assert re.fullmatch(r"[0-9a-f]{32}", str(detail.pop("eventId", ""))), detail
-        return list(seen.values())
 
     def of_type(self, detail_type: str) -> list[dict[str, Any]]:
         """The details without their `eventId`, which every one must carry (SPEC 4)."""

@@ -171,13 +171,13 @@ def test_against_a_stack_the_cli_finds_the_tables_in_its_outputs(
     import sys
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from user_credits_dev import template as tpl
     from user_credits_dev.dynamodb_local import free_port
+    from user_credits_dev.moto_server import serial_moto_server
 
     port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto = serial_moto_server(port)
     moto.start()
     try:
         endpoint = f"http://127.0.0.1:{port}"

@@ -589,10 +589,10 @@ class DynamoEngine:
             else:
                 self.kind, self.endpoint, self._stop = "dynamodb-local", engine.endpoint, engine.stop
                 return self
-        from moto.server import ThreadedMotoServer
+        from user_credits_dev.moto_server import serial_moto_server
 
         port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server = serial_moto_server(port)
         server.start()
         log.warning("java not found: using an in-memory moto server; data is lost when the server stops")
         self.kind, self.endpoint, self._stop = "moto", f"http://127.0.0.1:{port}", server.stop
