@@ -454,9 +454,3 @@ def _burned(book: Book, consumed: int, before: HoldEvent | None) -> Book:
         raise ValueError(f"{book.offer_group!r}: the balance rose by {-consumed} between hold events "
                          f"(before {before!r})")
     return book.burn(consumed)
-
-
-def current_book(offer_group: str, stored: Mapping[str, Any] | None, balance: int,
-                 events: Iterable[HoldEvent] = ()) -> Book:
-    """The book as it is now: the stored one with everything since it was written applied (`replay`)."""
-    return replay(Book.from_record(offer_group, stored), events, balance)
