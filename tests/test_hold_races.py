@@ -207,3 +207,42 @@ def test_open_holds_are_bounded_and_the_group_stays_writable(local_service: Any,
     grant(service, user, group, 1)
     balance = service.call("GET", f"/users/{user}/credits", iam=True).body["groups"][0]["balance"]
     assert balance == 100_001 - MAX_OPEN - 1
+
+
+def test_a_writer_refused_at_the_gate_writes_once_another_has_folded(service: Any, ids: Any, monkeypatch: Any) -> None:
+    """16 hold events wait for the book, so a hold is refused at the gate and folds them first. Another
+    writer folds before it and writes again (1 event waits): the refused writer must not fold again (a
+    rewrite that the other writer's next write would make lose, over and over, until 503), only write."""
+    import user_credits.logic.consumption as consumption_logic
+    import user_credits.logic.expiry as expiry_logic
+
+    user, group = ids("u"), ids("g")
+    grant(service, user, group, 1000)
+    for _ in range(16):
+        assert hold(service, user, group, 1).status == 201
+    real_expire, real_commit = expiry_logic.expire_group, expiry_logic.commit
+    own_commits: list[None] = []
+    mine = {"on": False}
+
+    def counted_commit(build: Any) -> None:
+        if mine["on"]:
+            own_commits.append(None)
+        real_commit(build)
+
+    def expire_after_another_writer(user_id: str, offer_group: str, now: datetime, **kwargs: Any) -> Any:
+        if not mine["on"]:
+            real_expire(user_id, offer_group, now)  # the other writer's fold ...
+            assert hold(service, user, group, 1).status == 201  # ... and its next write
+        mine["on"] = True
+        try:
+            return real_expire(user_id, offer_group, now, **kwargs)
+        finally:
+            mine["on"] = False
+
+    monkeypatch.setattr(expiry_logic, "commit", counted_commit)
+    monkeypatch.setattr(consumption_logic.expiry, "expire_group", expire_after_another_writer)
+    placed = hold(service, user, group, 1)
+    assert placed.status == 201, placed.body
+    assert own_commits == []
+    assert [remaining for _lot, remaining in lots(service, user, group)] == [1000 - 18]
+    assert [reason for _delta, reason, _hold in ledger(user)].count("hold") == 18

@@ -82,6 +82,8 @@ def draw(
 
 # A key whose record keeps changing under us (completed, expired) is claimed again at most this often.
 CLAIMS: Final = 3
+# Rounds of fold-then-write for a writer refused at the gate of waiting hold events (see `_decide`).
+GATE_ROUNDS: Final = 4
 
 
 def _settled(claimed_at: datetime | None, now: datetime) -> bool:
@@ -110,17 +112,24 @@ def _decide(
     try:
         try:
             return attempt()
-        except store.LotsDue:
+        except store.LotsDue as refused:
             # Decided on the group as it is now (consumes since the refusal are in its balance), with
             # only its live lots: refused here, nothing is written.
             book, _ = read_group(user_id, offer_group).book.expire(now)
             require_credits(book.without_due_holds(now), tokens, max_overdraft, now)
-            # It would pass once the due lots (or holds) are gone: a rewrite, then decide again.
-            expiry.expire_group(user_id, offer_group, now)
-            try:
-                return attempt()
-            except store.LotsDue as again:
-                raise ServiceBusy("the credits of this group are being expired, retry shortly") from again
+            # It would pass once the due lots (or holds) are gone: a rewrite, then decide again. Refused
+            # only at the gate of waiting hold events, other writers may fill it again before this one
+            # writes: a few rounds, each folding only if nobody else has.
+            gate_only = isinstance(refused, store.HoldsWaiting)
+            for _ in range(GATE_ROUNDS if gate_only else 1):
+                expiry.expire_group(user_id, offer_group, now, unless_open=gate_only)
+                try:
+                    return attempt()
+                except store.HoldsWaiting:
+                    continue
+                except store.LotsDue as again:
+                    raise ServiceBusy("the credits of this group are being expired, retry shortly") from again
+            raise ServiceBusy("the holds of this group are being folded, retry shortly") from refused
     except (InsufficientCredits, CreditsExpired):
         count("ConsumeRefusals")
         raise

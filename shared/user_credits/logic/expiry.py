@@ -38,6 +38,7 @@ from user_credits.domain.lots import Book, Lot, Movement
 from user_credits.errors import ServiceBusy
 from user_credits.observability import count, logger
 from user_credits.store.balances import GroupState, read_group, stage_group_change
+from user_credits.store.consumption import gates_open
 from user_credits.store.due import due_sort
 from user_credits.store.expiry import (
     DueEntry,
@@ -154,13 +155,14 @@ def expired_events(
     return events
 
 
-def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None:
+def expire_group(user_id: str, offer_group: str, now: datetime, *, unless_open: bool = False) -> Expiry | None:
     """Expire the group's due lots, release its due holds, fold its holds into the book (and correct a
     stale nextExp, holdDue or index entry); None when nothing needed doing. More due holds than one
-    rewrite releases take more rewrites, all done here."""
+    rewrite releases take more rewrites, all done here. `unless_open`: for a writer refused only at the
+    gate of waiting hold events, nothing once a read finds the gates open (another writer folded)."""
     done: Expiry | None = None
     for _ in range(MAX_REWRITES):
-        step = _expire_once(user_id, offer_group, now)
+        step = _expire_once(user_id, offer_group, now, unless_open)
         if step is None:
             return done
         done = step if done is None else Expiry(done.before, step.after, done.movements + step.movements)
@@ -173,10 +175,10 @@ def expire_group(user_id: str, offer_group: str, now: datetime) -> Expiry | None
 MAX_REWRITES = 8
 
 
-def _expire_once(user_id: str, offer_group: str, now: datetime) -> Expiry | None:
+def _expire_once(user_id: str, offer_group: str, now: datetime, unless_open: bool = False) -> Expiry | None:
     def attempt() -> Expiry | None:
         state = read_group(user_id, offer_group)
-        if not state.exists:
+        if not state.exists or (unless_open and gates_open(state, now)):
             return None
         book, movements = state.book.expire(now)
         book, releases, released = release_due(book, now)

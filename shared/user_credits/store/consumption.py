@@ -50,6 +50,7 @@ from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Movement
 from user_credits.errors import CreditsExpired, IdempotencyKeyReused, InsufficientCredits, TooManyHolds
 from user_credits.store import holds
+from user_credits.store.balances import GroupState
 from user_credits.store.idempotency import TTL_SECONDS, StoredResponse
 from user_credits.store.models import BalanceRecord, IdempotencyRecord, group_sk
 from user_credits.store.transactions import StaleRead, optimistic
@@ -119,6 +120,22 @@ class LotsDue(Exception):
     """The consume was refused because a lot that held tokens has expired since the group's last
     rewrite (the stored balance still counts it), a hold is due, or too many holds wait for the book:
     the caller must rewrite the group first."""
+
+
+class HoldsWaiting(LotsDue):
+    """Refused only because `holds.MAX_PENDING` hold events wait for the book: a fold lifts it, and one
+    that another writer made does as well (`gates_open`)."""
+
+
+def gates_open(state: GroupState, now: datetime) -> bool:
+    """Whether the group as read passes the gates of `_debit_update`'s condition: no lot nor hold due by
+    what the item stores, and room for one more hold event. A writer refused at the gate goes back to its
+    write once they are open, whoever folded: otherwise writers that keep writing would keep making
+    another writer's fold lose its race."""
+    waiting = sum(1 for hold in state.holds if hold.opened is not None or hold.closed is not None)
+    return ((state.stored_next_expiry is None or state.stored_next_expiry > now)
+            and (state.stored_hold_due is None or state.stored_hold_due > now)
+            and waiting < holds.MAX_PENDING)
 
 
 class KeyFinished(Exception):
@@ -269,7 +286,7 @@ def _debit_update(
 
 def _refusal(
     old: Mapping[str, Any] | None, now: datetime, placing: Placing | None = None,
-) -> InsufficientCredits | CreditsExpired | LotsDue | LowerHoldDue | HoldDueMoved | TooManyHolds:
+) -> InsufficientCredits | CreditsExpired | LotsDue | HoldsWaiting | LowerHoldDue | HoldDueMoved | TooManyHolds:
     """Why a condition failed, from the item as it was (ReturnValuesOnConditionCheckFailure=ALL_OLD)."""
     old = old or {}
     next_expiry = old.get("nextExp", {}).get("S")
@@ -279,7 +296,7 @@ def _refusal(
     if hold_due is not None and hold_due <= _time(now):
         return LotsDue(f"a hold of {old.get('offerGroup', {}).get('S')!r} is due")
     if len(old.get(holds.PENDING, {}).get("SS", [])) >= holds.MAX_PENDING:
-        return LotsDue("holds wait for the book")
+        return HoldsWaiting("holds wait for the book")
     if placing is not None:
         if int(old.get(holds.OPEN, {}).get("N", "0")) >= holds.MAX_OPEN:
             return TooManyHolds(f"at most {holds.MAX_OPEN} open holds per group: settle or release one first")
