@@ -246,3 +246,38 @@ def test_a_writer_refused_at_the_gate_writes_once_another_has_folded(service: An
     assert own_commits == []
     assert [remaining for _lot, remaining in lots(service, user, group)] == [1000 - 18]
     assert [reason for _delta, reason, _hold in ledger(user)].count("hold") == 18
+
+
+def test_a_settle_refused_at_the_gate_closes_plainly_once_another_has_folded(
+        service: Any, ids: Any, monkeypatch: Any) -> None:
+    """The settle's side of the same race: refused at the gate, it reads the group for a rewrite, but
+    another writer folded meanwhile and wrote again: the settle closes with its one plain write."""
+    import user_credits.logic.expiry as expiry_logic
+    import user_credits.logic.holds as holds_logic
+
+    user, group = ids("u"), ids("g")
+    grant(service, user, group, 1000)
+    hold_id = hold(service, user, group, 10).body["holdId"]
+    for _ in range(15):
+        assert hold(service, user, group, 1).status == 201
+    real_read, real_commit = holds_logic.read_group, holds_logic.commit
+    raced: list[Any] = []
+    rewrites: list[None] = []
+
+    def read_after_another_writer(*args: Any) -> Any:
+        if not raced:
+            expiry_logic.expire_group(user, group, datetime.now(UTC))  # the other writer's fold ...
+            raced.append(hold(service, user, group, 1))  # ... and its next write
+        return real_read(*args)
+
+    def counted_commit(build: Any) -> None:
+        rewrites.append(None)
+        real_commit(build)
+
+    monkeypatch.setattr(holds_logic, "read_group", read_after_another_writer)
+    monkeypatch.setattr(holds_logic, "commit", counted_commit)
+    settled = settle(service, user, hold_id, 4)
+    assert raced[0].status == 201, raced[0].body
+    assert settled.status == 200 and settled.body["released"] == 6, settled.body
+    assert rewrites == []
+    assert [remaining for _lot, remaining in lots(service, user, group)] == [1000 - 4 - 16]

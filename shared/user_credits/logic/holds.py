@@ -26,6 +26,7 @@ from user_credits.logic import consumption, expiry
 from user_credits.observability import count
 from user_credits.store import holds as store
 from user_credits.store.balances import read_group, stage_group_change
+from user_credits.store.consumption import gates_open
 from user_credits.store.models import group_sk
 from user_credits.store.transactions import StaleRead, commit, optimistic
 
@@ -112,6 +113,10 @@ def _close_by_rewrite(user_id: str, closing: store.Closing, now: datetime) -> st
         return _remembered(user_id, closing, now)
     if on_item.outcome is not None:
         return _replay(on_item.outcome, closing)
+    if gates_open(state, now) and (on_item.lots_expire is None or on_item.lots_expire > now):
+        # Refused only at the gate of waiting hold events, and another writer has folded them since:
+        # the plain close passes now (folding again would race that writer's next write).
+        raise StaleRead("the group's gates are open again")
     book, movements = state.book.expire(now)
     book, releases, outcomes = expiry.release_due(book, now)
     movements += releases
