@@ -200,7 +200,8 @@ def main() -> None:
     text = table(results)
     note = (
         "Expiry sweep on DynamoDB Local, 1% of users due; items read counted from botocore responses "
-        f"(Query ScannedCount, 1 per GetItem). Machine load: {machine_load()}."
+        "(Query ScannedCount, 1 per GetItem, the items a BatchGetItem returns: a due group is its index entry, "
+        f"its balance item and its book). Machine load: {machine_load()}."
     )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "sweep.json").write_text(json.dumps(
