@@ -236,15 +236,19 @@ def _debit_update(
     change = Change(uuid.uuid4().hex, now, (movement,), keyed=keyed,
                     hold_until=None if placing is None else placing.expires_at)
     floor = tokens - max_overdraft
-    names = {"#b": "balance", "#s": "seq", "#t": "itemType", "#g": "offerGroup", "#u": "updatedAt",
-             "#n": "nextExp", "#c": "change"}
+    names = {"#b": "balance", "#s": "seq", "#n": "nextExp", "#c": "change"}
     values: dict[str, Any] = {
-        ":t": {"N": str(tokens)}, ":z": {"N": "0"}, ":one": {"N": "1"}, ":type": {"S": "balance"},
-        ":g": {"S": offer_group}, ":now": {"S": _time(now)}, ":change": {"S": change.to_json()},
-        ":floor": {"N": str(floor)},
+        ":t": {"N": str(tokens)}, ":z": {"N": "0"}, ":one": {"N": "1"}, ":now": {"S": _time(now)},
+        ":change": {"S": change.to_json()}, ":floor": {"N": str(floor)},
     }
-    expression = ("SET #b = if_not_exists(#b, :z) - :t, #s = if_not_exists(#s, :z) + :one, "
-                  "#t = if_not_exists(#t, :type), #g = if_not_exists(#g, :g), #u = :now, #c = :change")
+    expression = "SET #b = if_not_exists(#b, :z) - :t, #s = if_not_exists(#s, :z) + :one, #c = :change"
+    if floor <= 0:
+        # Only a debit within its overdraft can pass on a group that does not exist yet, and so create
+        # its item: only then the item's kind and group (any other finds them there; each attribute a
+        # write sets is work for DynamoDB on the hot path).
+        names.update({"#t": "itemType", "#g": "offerGroup"})
+        values.update({":type": {"S": "balance"}, ":g": {"S": offer_group}})
+        expression += ", #t = if_not_exists(#t, :type), #g = if_not_exists(#g, :g)"
     # SPEC 2.5: balance - tokens >= -maxOverdraft, counting live lots only. While no lot that held
     # tokens at the last rewrite has expired (nextExp > now), the stored balance is exactly that; once
     # one has, the condition fails and the caller expires it first (`LotsDue`). A missing group has

@@ -246,7 +246,7 @@ def close_update(closing: Closing, now: datetime, table: str, key: Mapping[str, 
     movements = closing.movements()
     change = Change(uuid.uuid4().hex, now, movements)
     delta = sum(m.delta for m in movements)
-    names = {"#b": "balance", "#s": "seq", "#c": "change", "#u": "updatedAt", "#h": closing.ref.attribute,
+    names = {"#b": "balance", "#s": "seq", "#c": "change", "#h": closing.ref.attribute,
              "#st": "st", "#t": "t", "#r": "r", "#cq": "cq", "#cb": "cb", "#n": "n", "#lx": "lx", "#ne": "nextExp",
              "#hd": HOLD_DUE, "#hs": PENDING, "#hv": HOLD_WRITES, "#ho": OPEN}
     values: dict[str, Any] = {
@@ -257,7 +257,7 @@ def close_update(closing: Closing, now: datetime, table: str, key: Mapping[str, 
         ":less": {"N": "-1"},
     }
     sign = "-" if delta < 0 else "+"
-    expression = (f"SET #b = #b {sign} :d, #s = #s + :k, #c = :change, #u = :now, #h.#st = :st, #h.#t = :t, "
+    expression = (f"SET #b = #b {sign} :d, #s = #s + :k, #c = :change, #h.#st = :st, #h.#t = :t, "
                   "#h.#r = :r, #h.#cq = #s, #h.#cb = #b ADD #hs :hid, #hv :one, #ho :less")
     condition = ("attribute_exists(#h) AND attribute_not_exists(#h.#st) AND #h.#n = :n"
                  " AND (attribute_not_exists(#h.#lx) OR #h.#lx > :now)"

@@ -97,6 +97,9 @@ class BalanceRecord(AccountItem, discriminator="balance"):
     seq = NumberAttribute(default=0)
     dueShard = UnicodeAttribute(null=True)
     dueSort = UnicodeAttribute(null=True)
+    # When the group was last rewritten (a purchase, grant, refund, expiry or fold). The hot writes
+    # (consume, hold, settle, release) leave it alone: DynamoDB's work grows with each attribute a write
+    # sets, and their `change` says when each happened.
     updatedAt = UTCDateTimeAttribute(null=True)
     # What the last write did (`domain.changes.Change` as JSON): the stream function's input.
     change = UnicodeAttribute(null=True)
