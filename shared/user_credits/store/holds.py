@@ -193,7 +193,7 @@ def placing_clauses(ref: HoldRef, expires_at: datetime, now: datetime, lower_due
         ":hold": {"M": {"id": {"S": ref.hold_id}, "n": {"N": str(ref.tokens)}, "exp": {"S": stamp(expires_at)},
                         "at": {"S": stamp(now)}}},
         ":hid": {"SS": [ref.rid]}, ":hexp": {"S": stamp(expires_at)},
-        ":hnow": {"S": stamp(now)}, ":hone": {"N": "1"}, ":homax": {"N": str(MAX_OPEN)},
+        ":hnow": {"S": stamp(now)}, ":hone": {"N": "1"}, ":homax": {"N": str(MAX_OPEN)}, ":z": {"N": "0"},
     }
     # The right-hand sides read the old item: the stamps are the seq and balance just before this write.
     sets = ("#h = :hold, #hq = if_not_exists(#s, :z), #hb = if_not_exists(#b, :z), "
