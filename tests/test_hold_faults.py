@@ -33,10 +33,10 @@ from conftest import IN_STREAM, Service, dynamodb_hooks
 
 from user_credits.domain.clock import to_iso
 from user_credits.store import holds as hold_store
-from user_credits.store.balances import read_group
+from user_credits.store.balances import PREPARED, read_group
 from user_credits.store.consumption import HOLD_SECONDS, MARKER_BALANCE
 from user_credits.store.due import due_sort
-from user_credits.store.models import IdempotencyRecord, LedgerRecord, group_sk
+from user_credits.store.models import IdempotencyRecord, LedgerRecord, book_sk, group_sk
 
 # The request's calls, per path.
 KEYED_HOLD = ("PutItem", "UpdateItem")  # the key's claim; the debit that places the hold, with the marker
@@ -58,6 +58,12 @@ CLOSE = ("UpdateItem",)
 # The one write is refused (a lot the hold took from has expired, or the hold is due): the group is
 # read and rewritten.
 REWRITE = ("UpdateItem", "BatchGetItem", "TransactWriteItems")
+# A hold refused at the gate of 16 holds waiting for the book (15 placed and settled since the last
+# rewrite, one placed): the refusal, the group read (the refusal is decided on it) and read again by the fold, the
+# closed holds' outcomes archived, the new book prepared on the book item, the balance item swung to it,
+# the book promoted; then the debit. No transaction: on AWS one would make the item's other writes fail.
+FOLDING_HOLD = ("UpdateItem", "BatchGetItem", "BatchGetItem", "BatchWriteItem", "UpdateItem", "UpdateItem",
+                "UpdateItem", "UpdateItem")
 # The stream function's calls for a keyed hold's record: its ledger entry, the key's record completed,
 # the marker removed, the sweep's index brought forward to the hold's expiry.
 STREAM_OF_A_KEYED_HOLD = ("PutItem", "UpdateItem", "UpdateItem", "UpdateItem")
@@ -259,6 +265,12 @@ def test_the_hold_paths_make_the_calls_the_fault_tests_cover(local_service: Serv
                 calls.take()
                 assert hold(service, user, third, 4, key="marked").status == 201
                 assert calls.take()[0] == RECOVERY_MARKED
+        folding_user, folding_group = ids("u"), ids("g")
+        grant(service, folding_user, folding_group, 100)
+        fill_the_gate(service, folding_user, folding_group)
+        calls.take()
+        assert hold(service, folding_user, folding_group, 4).status == 201
+        assert calls.take()[0] == FOLDING_HOLD
         for case, (settle, _, _, _, request, stream) in CLOSES.items():
             hold_id, _, when = opened[case]
             with at(when):
@@ -448,6 +460,68 @@ def test_a_close_repeated_after_a_crash_at_any_call_answers_the_first_outcome_an
         other = close(service, user, hold_id, None if settle is not None else 1)
         assert (other.status, other.body["error"]) == (409, "hold_closed")
         balanced(user)
+
+
+# ----------------------------------------------------------------------------- the fold at the gate
+
+def fill_the_gate(service: Service, user: str, group: str) -> dict[str, Any]:
+    """15 holds placed and settled (1 of 2 tokens), and one more placed: 16 holds wait for the book, the
+    gate is shut for the next write. Each settle's answer, by hold id."""
+    closed = {}
+    for _ in range(hold_store.MAX_PENDING - 1):
+        hold_id = placed(service, user, group, 2)
+        reply = close(service, user, hold_id, 1)
+        assert reply.status == 200, reply.body
+        closed[hold_id] = reply.body
+    placed(service, user, group, 2)
+    return closed
+
+
+def book_item(service: Service, user: str, group: str) -> dict[str, Any]:
+    item: dict[str, Any] = service.backend.client().get_item(
+        TableName=service.backend.tables["AccountsTable"], ConsistentRead=True,
+        Key={"userId": {"S": user}, "sk": {"S": book_sk(group)}}).get("Item", {})
+    return item
+
+
+@pytest.mark.parametrize("stream", ["delivered", "late"])
+@pytest.mark.parametrize("phase", ["before", "after"])
+@pytest.mark.parametrize("at_call", range(1, len(FOLDING_HOLD) + 1))
+def test_a_hold_killed_while_it_folds_the_group_leaves_it_whole(
+    local_service: Service, crash: Any, ids: Any, balanced: Any, at_call: int, phase: str, stream: str,
+) -> None:
+    """The fold a hold makes at the gate is several plain writes (no transaction): killed before or after
+    any of them, the group reads whole, the hold happened or not (unkeyed), the closed holds still
+    replay their outcomes, the next writes pass, and once the stream has run the book item holds the
+    book the balance was swung to, with no prepared book left over."""
+    service = local_service
+    user, group = ids("u"), ids("g")
+    grant(service, user, group, 100)
+    closed = fill_the_gate(service, user, group)
+    late = service.stream_late() if stream == "late" else contextlib.nullcontext()
+    with late:
+        crash.arm(phase, at_call)
+        crash.expect_crash(lambda: hold(service, user, group, 4))
+        crash.disarm()
+        happened = sum(1 for h in holds_on_item(service, user, group).values() if h.outcome is None) - 1
+        # The debit is the last call: only a crash after it placed the hold.
+        assert happened == (1 if (phase, at_call) == ("after", len(FOLDING_HOLD)) else 0)
+        state = read_group(user, group)
+        assert state.balance == 100 - 17 - 4 * happened
+        assert state.book.total == state.balance
+        for hold_id, answer in closed.items():
+            assert close(service, user, hold_id, 1).body == answer
+        again = hold(service, user, group, 4)
+        assert again.status == 201 and again.body["balance"] == 100 - 17 - 4 * (happened + 1), again.body
+        assert close(service, user, again.body["holdId"], 4).status == 200
+    balanced(user)
+    balance = read_group(user, group)
+    item = book_item(service, user, group)
+    assert int(item["ver"]["N"]) == balance.book_version
+    assert [name for name in item if name.startswith(PREPARED)] == []
+    for hold_id, answer in closed.items():
+        assert close(service, user, hold_id, 1).body == answer
+    assert service.call("GET", f"/users/{user}/credits", iam=True).body["groups"][0]["balance"] == balance.balance
 
 
 # ----------------------------------------------------------------------------- the stream function

@@ -220,7 +220,7 @@ def test_a_writer_refused_at_the_gate_writes_once_another_has_folded(service: An
     grant(service, user, group, 1000)
     for _ in range(16):
         assert hold(service, user, group, 1).status == 201
-    real_expire, real_commit = expiry_logic.expire_group, expiry_logic.commit
+    real_expire, real_commit, real_rewrite = expiry_logic.expire_group, expiry_logic.commit, expiry_logic.rewrite_group
     own_commits: list[None] = []
     mine = {"on": False}
 
@@ -228,6 +228,12 @@ def test_a_writer_refused_at_the_gate_writes_once_another_has_folded(service: An
         if mine["on"]:
             own_commits.append(None)
         real_commit(build)
+
+    def counted_rewrite(*args: Any, **kwargs: Any) -> Any:
+        # A fold is a rewrite without a transaction: counted as one all the same.
+        if mine["on"]:
+            own_commits.append(None)
+        return real_rewrite(*args, **kwargs)
 
     def expire_after_another_writer(user_id: str, offer_group: str, now: datetime, **kwargs: Any) -> Any:
         if not mine["on"]:
@@ -240,6 +246,7 @@ def test_a_writer_refused_at_the_gate_writes_once_another_has_folded(service: An
             mine["on"] = False
 
     monkeypatch.setattr(expiry_logic, "commit", counted_commit)
+    monkeypatch.setattr(expiry_logic, "rewrite_group", counted_rewrite)
     monkeypatch.setattr(consumption_logic.expiry, "expire_group", expire_after_another_writer)
     placed = hold(service, user, group, 1)
     assert placed.status == 201, placed.body
@@ -260,9 +267,13 @@ def test_a_settle_refused_at_the_gate_closes_plainly_once_another_has_folded(
     hold_id = hold(service, user, group, 10).body["holdId"]
     for _ in range(15):
         assert hold(service, user, group, 1).status == 201
-    real_read, real_commit = holds_logic.read_group, holds_logic.commit
+    real_read, real_commit, real_rewrite = holds_logic.read_group, holds_logic.commit, holds_logic.rewrite_group
     raced: list[Any] = []
     rewrites: list[None] = []
+
+    def counted_rewrite(*args: Any, **kwargs: Any) -> Any:
+        rewrites.append(None)
+        return real_rewrite(*args, **kwargs)
 
     def read_after_another_writer(*args: Any) -> Any:
         if not raced:
@@ -276,8 +287,52 @@ def test_a_settle_refused_at_the_gate_closes_plainly_once_another_has_folded(
 
     monkeypatch.setattr(holds_logic, "read_group", read_after_another_writer)
     monkeypatch.setattr(holds_logic, "commit", counted_commit)
+    monkeypatch.setattr(holds_logic, "rewrite_group", counted_rewrite)
     settled = settle(service, user, hold_id, 4)
     assert raced[0].status == 201, raced[0].body
     assert settled.status == 200 and settled.body["released"] == 6, settled.body
     assert rewrites == []
     assert [remaining for _lot, remaining in lots(service, user, group)] == [1000 - 4 - 16]
+
+
+def test_a_fold_that_loses_after_preparing_its_book_leaves_the_group_whole(
+        service: Any, ids: Any, balanced: Any, monkeypatch: Any) -> None:
+    """A fold is plain writes: its book prepared on the book item, then the balance swung to it. Another
+    writer folds and writes in between: the first one's swing fails its guard, it reads again (its gate
+    is open now) and writes; its prepared book, never swung to, is dropped by the other's promotion."""
+    import user_credits.store.balances as balances
+    from user_credits.logic import expiry
+
+    user, group = ids("u"), ids("g")
+    grant(service, user, group, 1000)
+    for _ in range(15):
+        assert settle(service, user, hold(service, user, group, 2).body["holdId"], 1).status == 200
+    assert hold(service, user, group, 2).status == 201  # 16 holds wait: the gate is shut
+    real_write = balances._write
+    raced: list[Any] = []
+    lost: list[type] = []
+
+    def write_then_race(model: Any, *args: Any) -> None:
+        try:
+            real_write(model, *args)
+        except balances.StaleRead:
+            lost.append(model)
+            raise
+        if model is balances.BookRecord and not raced:
+            raced.append(None)
+            expiry.expire_group(user, group, datetime.now(UTC))  # the other writer's fold ...
+            raced.append(hold(service, user, group, 3))          # ... and its next write
+
+    monkeypatch.setattr(balances, "_write", write_then_race)
+    placed = hold(service, user, group, 4)
+    monkeypatch.setattr(balances, "_write", real_write)
+    assert raced[1].status == 201, raced[1].body
+    # The first fold's swing lost to the other writer's (a BookRecord in `lost` is the stream's promotion
+    # of the other's book finding it promoted already).
+    assert balances.BalanceRecord in lost
+    assert placed.status == 201 and placed.body["balance"] == 1000 - 15 - 2 - 3 - 4, placed.body
+    assert [remaining for _lot, remaining in lots(service, user, group)] == [1000 - 15 - 2 - 3 - 4]
+    balanced(user)
+    state = balances.read_group(user, group)
+    assert state.book_item_version == state.book_version
+    assert state.prepared == ()

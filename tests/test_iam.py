@@ -21,6 +21,7 @@ import pytest
 import time_machine
 from conftest import Service, hook_dynamodb_clients
 
+from user_credits.store.holds import MAX_PENDING
 from user_credits_dev import template as tpl
 from user_credits_dev.stripe_fake import charge_refunded_event, payment_intent_event
 
@@ -213,6 +214,17 @@ def run_holds(shop: Shop, ids: Any, user: str, group: str) -> None:
     assert _release(shop, user, below).status == 409
     assert _settle(shop, user, ids("no-hold"), 1).status == 404
     assert _release(shop, user, ids("no-hold")).status == 404
+    # At the gate of 16 holds waiting for the book (settled since the last rewrite) a consume, then a
+    # hold, folds them first: the closed holds' outcomes archived in one BatchWriteItem.
+    gate = ids("g")
+    assert _grant(shop, user, {"offerGroup": gate, "tokens": 100}).status == 201
+    for writer in ("consume", "hold"):
+        for _ in range(MAX_PENDING - 1):
+            held = _hold(shop, user, gate, 2).body["holdId"]
+            assert _settle(shop, user, held, 1).status == 200
+        assert _hold(shop, user, gate, 1).status == 201
+        reply = _consume(shop, user, gate, 1) if writer == "consume" else _hold(shop, user, gate, 1)
+        assert reply.status in (200, 201), reply.body
 
 
 def run_every_path(shop: Shop, ids: Any) -> None:
@@ -283,6 +295,9 @@ def run_every_path(shop: Shop, ids: Any) -> None:
     soon = ids("soon")
     dated = {"offerGroup": soon, "tokens": 7, "expiresAt": (now + timedelta(days=1)).isoformat()}
     assert _grant(shop, user, dated).status == 201
+    # A closed hold waiting for the book there: the sweep's warning folds it, its outcome archived.
+    waiting = _hold(shop, user, soon, 1).body["holdId"]
+    assert _settle(shop, user, waiting, 1).status == 200
     # Credits and the ledger: whole, per group (a filtered Query), and a second page.
     for path in ("/credits", "/credits/ledger"):
         assert call("GET", path, user=user).status == 200

@@ -4,9 +4,11 @@ Choices (see README, "Expiry sweep"):
 - Lots expire one by one: each lot with tokens whose `expiresAt` has passed goes to 0 with an `expire`
   ledger entry and a `CreditsExpired` event of its own (`lotId`, `expiredTokens`). Debt is never
   expired (that would forgive it); the next credit pays it back.
-- Each expiry re-reads the group and commits through `stage_group_change` (seq guard): a purchase,
-  refund, grant or consume that changed the group since it was read wins, and the sweep re-reads and
-  decides again. A second sweep finds nothing due and changes nothing.
+- Each expiry re-reads the group and commits with the seq guard: a purchase, refund, grant or consume
+  that changed the group since it was read wins, and the sweep re-reads and decides again. A second
+  sweep finds nothing due and changes nothing. A rewrite that closes no hold (lots expire, holds are
+  folded, warnings claimed) is made without a transaction (`store.balances.rewrite_group`); one that
+  releases due holds is a transaction, since each released hold's outcome is archived with it.
 - A group whose stored `nextExp` is stale (its soonest lot was spent by consumes, or has expired with
   nothing left) is rewritten with the right one, so consumes are not refused for a lot that is gone.
 - Warnings: one `CreditsExpiringSoon` per lot (`lotId`, `expiringTokens`), claimed in the lot's
@@ -37,7 +39,7 @@ from user_credits.domain.clock import to_iso
 from user_credits.domain.lots import Book, Lot, Movement
 from user_credits.errors import ServiceBusy
 from user_credits.observability import count, logger
-from user_credits.store.balances import GroupState, read_group, stage_group_change
+from user_credits.store.balances import GroupState, read_group, rewrite_group, stage_group_change
 from user_credits.store.consumption import gates_open
 from user_credits.store.due import due_sort
 from user_credits.store.expiry import (
@@ -155,14 +157,17 @@ def expired_events(
     return events
 
 
-def expire_group(user_id: str, offer_group: str, now: datetime, *, unless_open: bool = False) -> Expiry | None:
+def expire_group(
+    user_id: str, offer_group: str, now: datetime, *, unless_open: bool = False, due_holds_only: bool = False,
+) -> Expiry | None:
     """Expire the group's due lots, release its due holds, fold its holds into the book (and correct a
     stale nextExp, holdDue or index entry); None when nothing needed doing. More due holds than one
     rewrite releases take more rewrites, all done here. `unless_open`: for a writer refused only at the
-    gate of waiting hold events, nothing once a read finds the gates open (another writer folded)."""
+    gate of waiting hold events, nothing once a read finds the gates open (another writer folded).
+    `due_holds_only`: nothing once a read finds no hold due (a rewrite that follows folds the rest)."""
     done: Expiry | None = None
     for _ in range(MAX_REWRITES):
-        step = _expire_once(user_id, offer_group, now, unless_open)
+        step = _expire_once(user_id, offer_group, now, unless_open, due_holds_only)
         if step is None:
             return done
         done = step if done is None else Expiry(done.before, step.after, done.movements + step.movements)
@@ -175,10 +180,14 @@ def expire_group(user_id: str, offer_group: str, now: datetime, *, unless_open: 
 MAX_REWRITES = 8
 
 
-def _expire_once(user_id: str, offer_group: str, now: datetime, unless_open: bool = False) -> Expiry | None:
+def _expire_once(
+    user_id: str, offer_group: str, now: datetime, unless_open: bool = False, due_holds_only: bool = False,
+) -> Expiry | None:
     def attempt() -> Expiry | None:
         state = read_group(user_id, offer_group)
         if not state.exists or (unless_open and gates_open(state, now)):
+            return None
+        if due_holds_only and not any(held.expires_at <= now for held in state.book.holds):
             return None
         book, movements = state.book.expire(now)
         book, releases, released = release_due(book, now)
@@ -190,11 +199,14 @@ def _expire_once(user_id: str, offer_group: str, now: datetime, unless_open: boo
         if (not movements and book == state.book and state.stored_next_expiry == book.next_expiry
                 and not pending and state.stored_hold_due == hold_due and state.stored_due_sort == entry):
             return None
+        events = expired_events(state, movements, now)
+        if not released:
+            # Closes no hold (a fold, an expiry): no transaction with the balance item (`rewrite_group`).
+            return Expiry(state, rewrite_group(state, movements, book, now, events=events), tuple(movements))
         after: list[GroupState] = []
 
         def build(tx: TransactWrite) -> None:
-            after.append(stage_group_change(tx, state, movements, book, now,
-                                            events=expired_events(state, movements, now), closed=released))
+            after.append(stage_group_change(tx, state, movements, book, now, events=events, closed=released))
 
         commit(build)
         return Expiry(state, after[0], tuple(movements))
@@ -241,7 +253,9 @@ def read_touched(user_id: str, offer_group: str, now: datetime) -> GroupState:
     released first (SPEC 2.9: as soon as the group is touched), by a rewrite of their own."""
     state = read_group(user_id, offer_group)
     if any(held.expires_at <= now for held in state.book.holds):
-        expire_group(user_id, offer_group, now)
+        # Only while some are due: a fold of the rest here would be a rewrite without a transaction,
+        # which archives outcomes with calls these functions are not granted; theirs folds them anyway.
+        expire_group(user_id, offer_group, now, due_holds_only=True)
         state = read_group(user_id, offer_group)
     return state
 
@@ -259,10 +273,7 @@ def warn_group(user_id: str, offer_group: str, now: datetime, window_end: dateti
             "expiresAt": to_iso(lot.expires_at), "lotId": lot.lot_id, "expiringTokens": lot.remaining,
         }) for lot in book.warnings]
 
-        def build(tx: TransactWrite) -> None:
-            stage_group_change(tx, state, [], book, now, events=lambda _after: warnings)
-
-        commit(build)
+        rewrite_group(state, [], book, now, events=lambda _after: warnings)
         return list(book.warnings)
 
     return optimistic(attempt)

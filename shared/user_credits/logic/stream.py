@@ -21,7 +21,8 @@ from user_credits.domain.ledger import LedgerEntry
 from user_credits.events.publisher import send
 from user_credits.observability import count, logger
 from user_credits.store import consumption, holds, idempotency, ledger
-from user_credits.store.stream import EventsWrite, read_record
+from user_credits.store.balances import promote_book
+from user_credits.store.stream import EventsWrite, Swing, read_record, swing_of
 
 
 @dataclass
@@ -39,6 +40,8 @@ class StreamBatch:
     markers: dict[tuple[str, str], list[KeyedRequest]] = field(default_factory=dict)
     # The soonest-expiring hold placed in this batch, per balance item (for the sweep's index).
     placed: dict[tuple[str, str], tuple[datetime, str]] = field(default_factory=dict)
+    # Balance items swung to a prepared book: promoted here too, in case the rewrite died before it did.
+    swings: list[Swing] = field(default_factory=list)
 
     @classmethod
     def of(cls, records: Sequence[Mapping[str, Any]]) -> StreamBatch:
@@ -75,18 +78,25 @@ class StreamBatch:
         if marker is not None:
             user_id, offer_group, keyed = marker
             self.markers.setdefault((user_id, offer_group), []).append(keyed)
+        swing = swing_of(dynamodb)
+        if swing is not None:
+            self.swings.append(swing)
         if isinstance(write, GroupWrite) and write.change.hold_until is not None:
             where, placed = (write.user_id, write.offer_group), (write.change.hold_until,
                                                                  str(write.change.movements[0].hold_id))
             self.placed[where] = min(self.placed.get(where, placed), placed)
 
     def finish(self) -> None:
-        """Remove the markers of the keyed consumes applied (their records are completed), and bring
-        the sweep's index entry of each group with a new hold forward to it, if it is sooner."""
+        """Remove the markers of the keyed consumes applied (their records are completed), bring the
+        sweep's index entry of each group with a new hold forward to it, if it is sooner, and promote
+        the books that balance items were swung to (`store.balances.promote_book`; a no-op when the
+        rewrite did it already)."""
         for (user_id, offer_group), keys in self.markers.items():
             consumption.remove_markers(user_id, offer_group, keys)
         for (user_id, offer_group), (until, hold_id) in self.placed.items():
             holds.index_hold(user_id, offer_group, hold_id, until)
+        for swing in self.swings:
+            promote_book(swing.user_id, swing.offer_group, swing.version, swing.token)
 
 
 def _apply(

@@ -17,9 +17,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
+from pynamodb.exceptions import UpdateError
 from pynamodb.expressions.condition import Condition
 from pynamodb.expressions.operand import Path
 from pynamodb.expressions.update import Action
+from pynamodb.models import Model
 from pynamodb.transactions import TransactWrite
 
 from user_credits.domain.changes import Change, Event
@@ -27,7 +29,8 @@ from user_credits.domain.lots import Book, Held, Movement, replay
 from user_credits.errors import ServiceBusy
 from user_credits.store import holds as hold_items
 from user_credits.store.due import due_shard, due_sort
-from user_credits.store.models import BalanceRecord, BookRecord, book_sk, group_sk
+from user_credits.store.models import BalanceRecord, BookRecord, IdempotencyRecord, book_sk, group_sk
+from user_credits.store.transactions import StaleRead
 
 T = TypeVar("T")
 
@@ -57,6 +60,10 @@ class GroupState:
     stored_holds: tuple[Held, ...] = ()
     # The item's entry in the sweep's index (`dueSort`), as stored.
     stored_due_sort: str | None = None
+    # The book item's own version as read: `book_version`, or one behind it while the book the balance
+    # was swung to is still only prepared there; and the books prepared there (`p_<token>`).
+    book_item_version: int = 0
+    prepared: tuple[str, ...] = ()
 
     @property
     def expires_at(self) -> datetime | None:
@@ -67,17 +74,31 @@ class TornRead(Exception):
     """A balance and a book from different rewrites (a read that a transaction interleaved): read again."""
 
 
-def stored_book(record: BalanceRecord, book: BookRecord | None) -> Book:
-    """The book as the last rewrite stored it; the two items must come from the same rewrite."""
+# A book prepared by a rewrite made without a transaction: `p_<token>` on the book item (`rewrite_group`).
+PREPARED: Final = "p_"
+
+
+def stored_book(record: BalanceRecord, book: BookRecord | None, raw_book: Mapping[str, Any] | None = None) -> Book:
+    """The book as the last rewrite stored it; the two items must come from the same rewrite: the book
+    item's own book at the balance's `bookVer`, or the one prepared there under the balance's `bookTok`
+    (a rewrite without a transaction swung the balance to it and it is not promoted yet: the token is
+    random and written once, so the book under it is the one that rewrite swung to)."""
     version = int(record.bookVer or 0)
-    if (book.ver if book is not None else 0) != version:
-        raise TornRead(f"book {book.ver if book else None} != balance's {version} for {record.offerGroup!r}")
-    return Book.from_record(record.offerGroup, book.book if book is not None else None)
+    found = int(book.ver or 0) if book is not None else 0
+    if found == version:
+        return Book.from_record(record.offerGroup, book.book if book is not None else None)
+    prepared = (raw_book or {}).get(PREPARED + record.bookTok, {}).get("S") if record.bookTok else None
+    if prepared is None or found > version:
+        raise TornRead(f"book {found} != balance's {version} for {record.offerGroup!r}")
+    return Book.from_record(record.offerGroup, BookRecord.book.deserialize(prepared))
 
 
-def to_state(record: BalanceRecord, book: BookRecord | None, raw: Mapping[str, Any] | None = None) -> GroupState:
+def to_state(
+    record: BalanceRecord, book: BookRecord | None, raw: Mapping[str, Any] | None = None,
+    raw_book: Mapping[str, Any] | None = None,
+) -> GroupState:
     holds = tuple(hold_items.holds_on(raw)) if raw is not None else ()
-    stored = stored_book(record, book)
+    stored = stored_book(record, book, raw_book)
     events = [event for hold in holds for event in (hold.opened, hold.closed) if event is not None]
     return GroupState(
         user_id=record.userId,
@@ -94,6 +115,8 @@ def to_state(record: BalanceRecord, book: BookRecord | None, raw: Mapping[str, A
         hold_writes=hold_items.hold_writes(raw) if raw is not None else None,
         stored_holds=stored.holds,
         stored_due_sort=record.dueSort,
+        book_item_version=int(book.ver or 0) if book is not None else 0,
+        prepared=tuple(name for name in (raw_book or {}) if name.startswith(PREPARED)),
     )
 
 
@@ -131,10 +154,15 @@ def partition(user_id: str) -> Iterator[dict[str, Any]]:
 
 def states_of(items: Sequence[Mapping[str, Any]]) -> list[GroupState]:
     """The groups among raw items of one partition (each balance with its book)."""
-    books = {item["offerGroup"]["S"]: BookRecord.from_raw_data(dict(item))
-             for item in items if item.get("itemType", {}).get("S") == "book"}
-    return [to_state(BalanceRecord.from_raw_data(dict(item)), books.get(item["offerGroup"]["S"]), item)
-            for item in items if item.get("itemType", {}).get("S") == "balance"]
+    books = {item["offerGroup"]["S"]: item for item in items if item.get("itemType", {}).get("S") == "book"}
+    states = []
+    for item in items:
+        if item.get("itemType", {}).get("S") != "balance":
+            continue
+        raw_book = books.get(item["offerGroup"]["S"])
+        book = BookRecord.from_raw_data(dict(raw_book)) if raw_book is not None else None
+        states.append(to_state(BalanceRecord.from_raw_data(dict(item)), book, item, raw_book))
+    return states
 
 
 def untorn(read: Callable[[], T], what: str) -> T:
@@ -218,23 +246,26 @@ def folded_outcomes(before: GroupState) -> list[hold_items.Outcome]:
     return [hold.outcome for hold in before.holds if hold.outcome is not None]
 
 
-def stage_group_change(
-    tx: TransactWrite,
+@dataclass(frozen=True)
+class _GroupWrite:
+    """A rewrite of one group, as the balance item's update: what both ways of committing it send."""
+
+    key: BalanceRecord
+    actions: list[Action]
+    guard: Condition
+    book: Book
+    version: int
+    after: GroupState
+
+
+def _group_write(
     before: GroupState,
     movements: Sequence[Movement],
     book: Book,
     at: datetime,
-    events: Callable[[GroupState], Sequence[Event]] | None = None,
-    closed: Sequence[hold_items.Outcome] = (),
-) -> GroupState:
-    """Add the balance write and the book to `tx`; returns the state after.
-
-    `book` is `before.book` with the movements applied; the two must agree, or this is a bug. The
-    movements and `events(after)` travel on the balance item as its `change`, from which the stream
-    function writes the ledger entries and sends the events (see `domain.changes`). Every rewrite
-    folds the item's holds into the book (`store.holds`); `closed`: holds this rewrite closes, whose
-    outcomes are archived with those of the holds closed before it.
-    """
+    events: Callable[[GroupState], Sequence[Event]] | None,
+    closed: Sequence[hold_items.Outcome],
+) -> _GroupWrite:
     balance = before.balance + sum(movement.delta for movement in movements)
     seq = before.seq + len(movements)
     if book.total != balance:
@@ -242,7 +273,8 @@ def stage_group_change(
     version = before.book_version + 1
     after = replace(before, balance=balance, seq=seq, exists=True, book=book, stored_next_expiry=book.next_expiry,
                     book_version=version, holds=(), stored_holds=book.holds,
-                    stored_hold_due=min((held.expires_at for held in book.holds), default=None))
+                    stored_hold_due=min((held.expires_at for held in book.holds), default=None),
+                    book_item_version=version, prepared=())
     dates = [date for date in (after.stored_next_expiry, after.stored_hold_due) if date is not None]
     after = replace(after, stored_due_sort=due_sort(before.user_id, before.offer_group, min(dates)) if dates else None)
     change = Change(uuid.uuid4().hex, at, tuple(movements), tuple(events(after) if events else ()))
@@ -273,11 +305,116 @@ def stage_group_change(
         guard = BalanceRecord.seq == before.seq
         guard &= writes.does_not_exist() if before.hold_writes is None else writes == {"N": str(before.hold_writes)}
         guard &= version_read.does_not_exist() if before.book_version == 0 else version_read == before.book_version
-    tx.update(key, actions=actions, condition=guard)
-    # No condition of its own: the balance's guard covers both items of the group.
+    return _GroupWrite(key, actions, guard, book, version, after)
+
+
+def stage_group_change(
+    tx: TransactWrite,
+    before: GroupState,
+    movements: Sequence[Movement],
+    book: Book,
+    at: datetime,
+    events: Callable[[GroupState], Sequence[Event]] | None = None,
+    closed: Sequence[hold_items.Outcome] = (),
+) -> GroupState:
+    """Add the balance write and the book to `tx`; returns the state after.
+
+    `book` is `before.book` with the movements applied; the two must agree, or this is a bug. The
+    movements and `events(after)` travel on the balance item as its `change`, from which the stream
+    function writes the ledger entries and sends the events (see `domain.changes`). Every rewrite
+    folds the item's holds into the book (`store.holds`); `closed`: holds this rewrite closes, whose
+    outcomes are archived with those of the holds closed before it.
+    """
+    write = _group_write(before, movements, book, at, events, closed)
+    tx.update(write.key, actions=[*write.actions, BalanceRecord.bookTok.remove()], condition=write.guard)
+    # No condition of its own: the balance's guard covers both items of the group. Written whole, it
+    # also drops the books prepared there (none of them can be swung to once this commits).
     tx.save(BookRecord(before.user_id, book_sk(before.offer_group), offerGroup=before.offer_group,
-                       book=book.to_record(), ver=version))
+                       book=book.to_record(), ver=write.version))
     # A closed hold's outcome outlives its attribute for a day, so a repeated settle still answers.
     for outcome in [*folded_outcomes(before), *closed]:
         tx.save(hold_items.archive_record(before.user_id, outcome, at))
-    return after
+    return write.after
+
+
+def rewrite_group(
+    before: GroupState,
+    movements: Sequence[Movement],
+    book: Book,
+    at: datetime,
+    events: Callable[[GroupState], Sequence[Event]] | None = None,
+) -> GroupState:
+    """`stage_group_change` for a rewrite of the group alone that closes no hold (a fold, an expiry, a
+    warning), without a transaction: on AWS a transaction with the balance item makes every concurrent
+    consume, hold and settle of it fail (TransactionConflictException), and costs double.
+
+    1. The outcomes of the holds closed before are archived: fixed on the item already, so writing them
+       is harmless if this rewrite loses.
+    2. The new book is prepared on the book item under a fresh token (`p_<token>`, written once, on the
+       condition that the book item is still the one read).
+    3. The balance item is swung to it: the same update and guard as in a transaction, plus `bookTok`.
+       From then on a reader finds the book under the balance's token (`stored_book`).
+    4. The book is promoted (`promote_book`); if this function dies first, the stream function does it
+       on seeing the swing. Books prepared by rewrites that lost stay until the next promotion drops them.
+
+    A lost race at 2 or 3 raises `StaleRead` (the caller reads again). Closing a hold decides an outcome
+    that must be archived in the same step as the close, so a rewrite that closes one stays a transaction.
+    """
+    write = _group_write(before, movements, book, at, events, ())
+    archive_outcomes(before.user_id, folded_outcomes(before), at)
+    token = uuid.uuid4().hex[:16]
+    read = before.book_item_version
+    same_book = BookRecord.ver.does_not_exist() if read == 0 else BookRecord.ver == read
+    kind = Path("itemType")
+    _write(BookRecord, before.user_id, book_sk(before.offer_group), [
+        Path(PREPARED + token).set({"S": BookRecord.book.serialize(book.to_record())}),
+        kind.set(kind | {"S": "book"}),
+        BookRecord.offerGroup.set(BookRecord.offerGroup | before.offer_group),
+    ], same_book)
+    _write(BalanceRecord, before.user_id, group_sk(before.offer_group),
+           [*write.actions, BalanceRecord.bookTok.set(token)], write.guard)
+    # Every book prepared before this read was for a version this swing has now passed.
+    promote_book(before.user_id, before.offer_group, write.version, token, also=before.prepared)
+    return write.after
+
+
+def promote_book(user_id: str, offer_group: str, version: int, token: str, also: Sequence[str] = ()) -> bool:
+    """Make the book prepared under `token`, which the balance item was swung to at `version`, the book
+    item's own (and drop `also`, books prepared for versions passed). Repeatable: does nothing (False)
+    once it is done, or once a later rewrite has replaced the book item. By `rewrite_group` right after
+    its swing, and by the stream function on seeing the swing, in case the first died in between."""
+    prepared = Path(PREPARED + token)
+    dropped = [Path(name).remove() for name in dict.fromkeys(also) if name != PREPARED + token]
+    condition = prepared.exists() & (BookRecord.ver.does_not_exist() | (BookRecord.ver < version))
+    try:
+        _write(BookRecord, user_id, book_sk(offer_group), [
+            BookRecord.book.set(prepared), BookRecord.ver.set(version), prepared.remove(), *dropped,
+        ], condition)
+    except StaleRead:
+        return False
+    return True
+
+
+def archive_outcomes(user_id: str, outcomes: Sequence[hold_items.Outcome], at: datetime) -> None:
+    """Archive outcomes that are fixed already (closed holds on the item), outside any transaction."""
+    if not outcomes:
+        return
+    with IdempotencyRecord.batch_write() as batch:
+        for outcome in outcomes:
+            batch.save(hold_items.archive_record(user_id, outcome, at))
+
+
+def _write(model: type[Model], hash_key: str, range_key: str, actions: list[Action], condition: Condition) -> None:
+    """One conditional UpdateItem that returns nothing; a failed condition or a conflict with a
+    transaction in flight is a lost race (`StaleRead`)."""
+    try:
+        model._get_connection().update_item(hash_key, range_key=range_key, actions=actions, condition=condition)
+    except UpdateError as error:
+        if error.cause_response_code in _LOST_RACE:
+            raise StaleRead(str(error.cause_response_code)) from error
+        raise
+
+
+# What a plain write to an item gets from DynamoDB when its condition fails, or when a transaction that
+# includes the item is in flight: nothing was written, read again.
+_LOST_RACE: Final = frozenset({"ConditionalCheckFailedException", "TransactionConflictException"})

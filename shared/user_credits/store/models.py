@@ -92,6 +92,9 @@ class BalanceRecord(AccountItem, discriminator="balance"):
     nextExp = UTCDateTimeAttribute(null=True)
     # The version of the group's book (its own item, BookRecord): bumped by every rewrite, never by a consume.
     bookVer = NumberAttribute(null=True)
+    # Set by a rewrite made without a transaction: the token of the book prepared for `bookVer` on the
+    # book item (`p_<token>`), until that book is promoted there (see `store.balances.rewrite_group`).
+    bookTok = UnicodeAttribute(null=True)
     # Incremented by every change: the order of the ledger entries of this group, and the
     # optimistic-concurrency token of the read-then-write paths (purchase, refund, grant, expiry).
     seq = NumberAttribute(default=0)
@@ -112,7 +115,9 @@ class BookRecord(AccountItem, discriminator="book"):
 
     An item of its own because DynamoDB charges a write by the whole item: a consume writes only the
     small balance item, whatever the lots. Written with the balance in the rewrites' transactions, read
-    with it in one BatchGetItem; `ver` equals the balance item's `bookVer`.
+    with it in one BatchGetItem; `ver` equals the balance item's `bookVer`, or is one behind it while a
+    rewrite made without a transaction has swung the balance to a book prepared here (`p_<token>`) and
+    not yet promoted it (`store.balances.rewrite_group`).
     """
 
     offerGroup = UnicodeAttribute()

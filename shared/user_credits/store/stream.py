@@ -49,3 +49,22 @@ def read_record(dynamodb: Mapping[str, Any]) -> GroupWrite | EventsWrite | None:
     if kind in ("order", "subscription"):
         return EventsWrite(new["userId"]["S"], new["sk"]["S"], Change.from_json(text))
     return None
+
+
+@dataclass(frozen=True)
+class Swing:
+    """A balance item swung to a book prepared without a transaction (`store.balances.rewrite_group`)."""
+
+    user_id: str
+    offer_group: str
+    version: int
+    token: str
+
+
+def swing_of(dynamodb: Mapping[str, Any]) -> Swing | None:
+    """The swing a stream record shows (a new `bookTok` on a balance item), or None."""
+    new, old = dynamodb.get("NewImage") or {}, dynamodb.get("OldImage") or {}
+    token = new.get("bookTok", {}).get("S")
+    if token is None or token == old.get("bookTok", {}).get("S") or new.get("itemType", {}).get("S") != "balance":
+        return None
+    return Swing(new["userId"]["S"], new["offerGroup"]["S"], int(new["bookVer"]["N"]), str(token))
