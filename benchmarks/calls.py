@@ -462,7 +462,9 @@ HOLD_TARGET = "<= 2 calls, no transaction"
 def hold_scenarios() -> list[Scenario]:
     """Issue 12: a hold and its settle each at most 2 DynamoDB calls, never a transaction that includes the
     balance item. The last three cases are the ones a group reaches after MAX_PENDING holds: the write that
-    would make it MAX_PENDING + 1 pending holds rewrites the group first (a transaction with the balance item)."""
+    would make it MAX_PENDING + 1 pending holds rewrites the group first: plain writes since the fold is made
+    without a transaction (`store.balances.rewrite_group`: the closed holds' outcomes archived, the new book
+    prepared on the book item, the balance item swung to it, the book promoted), so more than 2 calls."""
     limit = _no_transaction_within(2)
     pending = max_pending()
     return [

@@ -385,7 +385,8 @@ def hold_model(service: Any, recorder: Any, stream: Any, user: str) -> dict[str,
     written item read back before and after: the balance item carries the hold (`h_<id>` and its stamps)
     from the hold until a rewrite folds it into the book, so a settle writes a larger item than a consume.
     Then a whole cycle of MAX_PENDING pairs on one group, from a rewrite to the next (the last settle
-    forces it: a transaction with the balance item): the average pair, and its largest balance item."""
+    forces it: plain writes, no transaction since `store.balances.rewrite_group`): the average pair, and its
+    largest balance item."""
     from benchmarks import calls as calls_module
     from benchmarks.common import new_id
 
@@ -621,7 +622,8 @@ def hold_markdown(holds: dict[str, Any], limit: float) -> str:
         "for it, each written item read back before and after, as above). The balance item carries each hold "
         "(`h_<id>`, its stamps `hq_`/`hb_`, the set `hs`) from the hold until a rewrite of the group folds it "
         f"into the book; with nothing else rewriting the group, the write that would make more than "
-        f"{holds['max_pending']} holds wait rewrites it (a TransactWriteItems with the balance item), so a "
+        f"{holds['max_pending']} holds wait rewrites it (a fold made of plain writes: the closed holds' outcomes "
+        "archived, the book prepared on the book item, the balance item swung to it, the book promoted), so a "
         f"balance cycles through {holds['max_pending']} pairs per rewrite and the item grows along the way. "
         "`per second on paper` = "
         f"{limit:,.0f} WCU/s / the units in the busiest of the user's partitions (holds/s, settles/s; pairs/s for "
