@@ -11,12 +11,14 @@ table's stream (`logic.stream`).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
+from botocore.exceptions import ClientError
 from pynamodb.exceptions import UpdateError
 from pynamodb.expressions.condition import Condition
 from pynamodb.expressions.operand import Path
@@ -29,7 +31,14 @@ from user_credits.domain.lots import Book, Held, Movement, replay
 from user_credits.errors import ServiceBusy
 from user_credits.store import holds as hold_items
 from user_credits.store.due import due_shard, due_sort
-from user_credits.store.models import BalanceRecord, BookRecord, IdempotencyRecord, book_sk, group_sk
+from user_credits.store.models import (
+    BalanceRecord,
+    BookRecord,
+    IdempotencyRecord,
+    book_sk,
+    group_sk,
+    single_attempt_client,
+)
 from user_credits.store.transactions import StaleRead
 
 T = TypeVar("T")
@@ -355,7 +364,8 @@ def rewrite_group(
     3. The balance item is swung to it: the same update and guard as in a transaction, plus `bookTok`.
        From then on a reader finds the book under the balance's token (`stored_book`).
     4. The book is promoted (`promote_book`); if this function dies first, the stream function does it
-       on seeing the swing. Books prepared by rewrites that lost stay until the next promotion drops them.
+       on seeing the swing. A rewrite that loses its swing drops its own prepared book; one that dies in
+       between leaves it, until the next promotion drops it.
 
     A lost race at 2 or 3 raises `StaleRead` (the caller reads again). Closing a hold decides an outcome
     that must be archived in the same step as the close, so a rewrite that closes one stays a transaction.
@@ -371,11 +381,35 @@ def rewrite_group(
         kind.set(kind | {"S": "book"}),
         BookRecord.offerGroup.set(BookRecord.offerGroup | before.offer_group),
     ], same_book)
-    _write(BalanceRecord, before.user_id, group_sk(before.offer_group),
-           [*write.actions, BalanceRecord.bookTok.set(token)], write.guard)
+    _swing(before, write, token)
     # Every book prepared before this read was for a version this swing has now passed.
     promote_book(before.user_id, before.offer_group, write.version, token, also=before.prepared)
     return write.after
+
+
+def _swing(before: GroupState, write: _GroupWrite, token: str) -> None:
+    """Swing the balance item to the book prepared under `token`. Sent once (`single_attempt_client`):
+    a resend after an answer lost on the way would fail its guard and look like a lost race, and a swing
+    refused by its guard drops the prepared book (a fold that keeps losing, to a hot balance's consumes,
+    would otherwise pile copies of the book up on the book item). Only that refusal proves the swing did
+    not land: after a conflict or throttling it is read again too, but the book stays (a stray copy, in
+    the rare case, rather than a balance naming a book that is gone); after anything else (a timeout)
+    the error goes up and the book stays, in case the swing landed."""
+    request = BalanceRecord._get_connection().get_operation_kwargs(
+        before.user_id, range_key=group_sk(before.offer_group),
+        actions=[*write.actions, BalanceRecord.bookTok.set(token)], condition=write.guard)
+    try:
+        single_attempt_client().update_item(**request)
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        if code not in _NOT_APPLIED:
+            raise
+        if code == "ConditionalCheckFailedException":
+            prepared = Path(PREPARED + token)
+            with contextlib.suppress(StaleRead):
+                _write(BookRecord, before.user_id, book_sk(before.offer_group), [prepared.remove()],
+                       prepared.exists())
+        raise StaleRead(code) from error
 
 
 def promote_book(user_id: str, offer_group: str, version: int, token: str, also: Sequence[str] = ()) -> bool:
@@ -418,3 +452,6 @@ def _write(model: type[Model], hash_key: str, range_key: str, actions: list[Acti
 # What a plain write to an item gets from DynamoDB when its condition fails, or when a transaction that
 # includes the item is in flight: nothing was written, read again.
 _LOST_RACE: Final = frozenset({"ConditionalCheckFailedException", "TransactionConflictException"})
+# The errors of a request sent once after which it is read again and decided again (by DynamoDB's
+# contract none of them was applied; botocore retries none of them on a single-attempt client).
+_NOT_APPLIED: Final = _LOST_RACE | hold_items.CONFLICTS

@@ -23,7 +23,7 @@ TransactionConflictException on AWS, and costs double. So the consume path has n
   there means the debit happened (replay), a completed record is replayed, else this debits. It is
   the only transaction on the consume path, and runs only on that rare retry.
 - Why that is sound: the marker is removed only after the record is completed, and (2) is sent once
-  (`_single_attempt_client`: botocore's own retries would resend it after an answer lost on the way,
+  (`models.single_attempt_client`: botocore's own retries would resend it after an answer lost on the way,
   possibly after the stream removed the marker); only errors that guarantee nothing was applied
   (throttling, conflicts) are retried, by the one loop. An ambiguous failure is the caller's to retry,
   with the same key.
@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from user_credits.domain.changes import Change, KeyedRequest
@@ -52,7 +50,7 @@ from user_credits.errors import CreditsExpired, IdempotencyKeyReused, Insufficie
 from user_credits.store import holds
 from user_credits.store.balances import GroupState
 from user_credits.store.idempotency import TTL_SECONDS, StoredResponse
-from user_credits.store.models import BalanceRecord, IdempotencyRecord, group_sk
+from user_credits.store.models import BalanceRecord, IdempotencyRecord, group_sk, single_attempt_client
 from user_credits.store.transactions import StaleRead, optimistic
 
 CONSUME_ROUTE: Final = "consume"
@@ -149,26 +147,6 @@ def _client() -> Any:
     return BalanceRecord._get_connection().connection.client
 
 
-def _single_attempt_client() -> Any:
-    """A client of the same connection that sends each request once: the debit must not be resent by
-    botocore after an answer lost on the way (see the module's doc); the one loop retries what is safe.
-    Without botocore's client-side parameter check: these requests are built here and checked by the
-    suite, DynamoDB still rejects a bad one, and the check is ~0.07 ms of a consume's ~0.9 ms of CPU."""
-    connection = BalanceRecord._get_connection().connection
-    client = _single_attempt.get(connection)
-    if client is None:
-        base = connection.client
-        client = connection.session.create_client(
-            "dynamodb", base.meta.region_name, endpoint_url=base.meta.endpoint_url,
-            config=base.meta.config.merge(Config(retries={"total_max_attempts": 1, "mode": "standard"},
-                                                 parameter_validation=False)),
-        )
-        _single_attempt[connection] = client
-    return client
-
-
-# One per pynamodb connection (a rebind of the tables makes new ones).
-_single_attempt: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _time(moment: datetime) -> str:
@@ -353,7 +331,7 @@ def debit(
 
     def decide() -> dict[str, Any]:
         try:
-            response: dict[str, Any] = _single_attempt_client().update_item(
+            response: dict[str, Any] = single_attempt_client().update_item(
                 **request, ReturnValues=returned, ReturnValuesOnConditionCheckFailure="ALL_OLD")
         except ClientError as error:
             if _error_code(error) == "ConditionalCheckFailedException":
@@ -373,7 +351,7 @@ def debit(
             **_still_unfinished(keyed),
         }}
         try:
-            _single_attempt_client().transact_write_items(TransactItems=[
+            single_attempt_client().transact_write_items(TransactItems=[
                 check, {"Update": {**request, "ReturnValuesOnConditionCheckFailure": "ALL_OLD"}}])
         except ClientError as error:
             reasons = _reasons(error)
