@@ -59,10 +59,10 @@ from benchmarks.common import (
     percentile,
 )
 
-IMPLEMENTATIONS = ("ours", "ours_holds", "naive", "floor")
-MANY_IMPLEMENTATIONS = ("ours", "ours_holds", "floor")
-# Measured against the floor (a ratio per row): a consume, and a pair of hold and settle.
-AGAINST_FLOOR = ("ours", "ours_holds")
+IMPLEMENTATIONS = ("ours", "ours_core", "ours_holds", "naive", "floor")
+MANY_IMPLEMENTATIONS = ("ours", "ours_core", "ours_holds", "floor")
+# Measured against the floor (a ratio per row): a consume, its core alone, and a pair of hold and settle.
+AGAINST_FLOOR = ("ours", "ours_core", "ours_holds")
 GROUP = "hot"
 GROUP_SK = "GROUP#" + GROUP
 
@@ -107,6 +107,41 @@ class _Ours:
                             body=json.dumps({"offerGroup": GROUP, "tokens": tokens}))
         status: int = self.grant_handler(event, self._context(function_name="AdminGrantsFunction"))["statusCode"]
         return status
+
+
+class _Core(_Ours):
+    """`logic.consumption.consume_tokens` called directly, as the consume route calls it: the real decision,
+    its one UpdateItem and its metric, without the HTTP layer (Powertools' resolver, request and response
+    validation, logging context and metrics flush; our caller and body checks). Not a product path: it
+    measures how much of `ours`'s gap to the floor is the handler's and how much the core's."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        from user_credits.config import load_settings
+        from user_credits.logic import consumption
+        from user_credits.observability import metrics
+        from user_credits.store.models import bind_tables
+
+        super().__init__(env)
+        bind_tables(load_settings())
+        self._consume = consumption.consume_tokens
+        self._metrics = metrics
+
+    def prepare(self, user: str) -> Any:
+        return user
+
+    def call(self, user: Any) -> str:
+        from user_credits.errors import CreditsError
+
+        try:
+            result = self._consume(user, GROUP, 1, 0, None, {"offerGroup": GROUP, "tokens": 1})
+        except CreditsError as error:
+            return "refused" if error.http_status == 402 else f"http_{error.http_status}"
+        return "ok" if result.status == 200 else f"http_{result.status}"
+
+    def done(self) -> None:
+        """The metrics the core added and no handler flushed: written now, so no later `ours` request of
+        this worker flushes them as its own."""
+        self._metrics.flush_metrics()
 
 
 class _Holds(_Ours):
@@ -274,6 +309,8 @@ class _Direct:
 def _runner(impl: str, env: dict[str, str]) -> Any:
     if impl == "ours":
         return _Ours(env)
+    if impl == "ours_core":
+        return _Core(env)
     if impl == "ours_keyed":
         return _Ours(env, keyed=True)
     if impl == "ours_holds":
@@ -315,6 +352,8 @@ def _worker(index: int, conn: Any, env: dict[str, str], slots: Any) -> None:
                 runner.call(runner.prepare(warm_user))  # warm: imports, connections (a refused consume)
                 if hasattr(runner, "warm"):
                     runner.warm(warm_user)
+                if hasattr(runner, "done"):
+                    runner.done()
                 conn.send(("ok", None))
             elif kind == "grant":
                 users, tokens = command[1], command[2]
@@ -408,6 +447,8 @@ def _run(runner: Any, index: int, users: list[str], start_at: float, duration: f
     finally:
         if counter is not None:
             counter.uninstall()
+        if hasattr(runner, "done"):
+            runner.done()
     result = {"outcomes": outcomes, "latencies_ms": latencies, "seconds": seconds, "cpu_seconds": cpu}
     if counter is not None:
         result["calls"] = counter.take()
@@ -868,6 +909,12 @@ def markdown(result: dict[str, Any]) -> str:
         "sums the Powertools metrics and WARNING/ERROR logs the consume handler wrote during the run. Target "
         "(issue 11): ours >= 0.8x floor at N=1 and N=4, on one hot balance and on 1,000 balances, with zero "
         "overdrafts and zero lost updates.",
+        "",
+        "`ours_core` = the same consume without its HTTP layer: `logic.consumption.consume_tokens` called "
+        "directly in the worker (the real decision, its one conditional UpdateItem, its `Consumes` metric, "
+        "flushed at the end of the run; no event, no Powertools resolver, validation, logging context or "
+        "per-request metrics flush, none of our caller and body checks). Not a product path: it shows which "
+        "part of `ours`'s gap to the floor is the handler's. Its ledger is checked like `ours`'s.",
         "",
         f"`ours_holds` = a pair of hold and settle through the real holds function (functions/holds, app.handler), "
         f"one after the other in the same worker: `POST /users/{{userId}}/holds` of {_Holds.HELD} tokens, then "
