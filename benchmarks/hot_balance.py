@@ -111,8 +111,8 @@ class _Ours:
 
 class _Core(_Ours):
     """`logic.consumption.consume_tokens` called directly, as the consume route calls it: the real decision,
-    its one UpdateItem and its metric, without the HTTP layer (Powertools' resolver, request and response
-    validation, logging context and metrics flush; our caller and body checks). Not a product path: it
+    its one UpdateItem (and a refusal's metric), without the HTTP layer (Powertools' resolver, request and
+    response validation, logging context and metrics flush; our caller and body checks). Not a product path: it
     measures how much of `ours`'s gap to the floor is the handler's and how much the core's."""
 
     def __init__(self, env: dict[str, str]) -> None:
@@ -911,9 +911,9 @@ def markdown(result: dict[str, Any]) -> str:
         "overdrafts and zero lost updates.",
         "",
         "`ours_core` = the same consume without its HTTP layer: `logic.consumption.consume_tokens` called "
-        "directly in the worker (the real decision, its one conditional UpdateItem, its `Consumes` metric, "
-        "flushed at the end of the run; no event, no Powertools resolver, validation, logging context or "
-        "per-request metrics flush, none of our caller and body checks). Not a product path: it shows which "
+        "directly in the worker (the real decision and its one conditional UpdateItem; a success's `Consumes` "
+        "is counted by the stream function, for both; no event, no Powertools resolver, validation, logging "
+        "context or metrics flush, none of our caller and body checks). Not a product path: it shows which "
         "part of `ours`'s gap to the floor is the handler's. Its ledger is checked like `ours`'s.",
         "",
         f"`ours_holds` = a pair of hold and settle through the real holds function (functions/holds, app.handler), "

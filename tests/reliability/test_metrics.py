@@ -103,6 +103,25 @@ def test_a_consume_emits_consumes_and_a_refused_one_emits_consume_refusals(
     assert (got := emitted.read())["ConsumeRefusals"] == 2 and got["Consumes"] == 0, got
 
 
+def test_consumes_and_holds_placed_are_counted_from_the_stream_not_by_the_handler(
+    local_service: Service, emitted: Emitted, ids: Any
+) -> None:
+    """A successful consume or hold prints no EMF line of its own: it is counted where its ledger entry
+    is written, from its stream record (logic.stream), so nothing shows until the stream delivers it."""
+    user, group = ids("u"), ids("g")
+    assert grant(local_service, user, group, 10).status == 201
+    emitted.read()
+    with local_service.stream_late():
+        assert consume(local_service, user, group, 3).status == 200
+        assert local_service.call("POST", f"/users/{user}/holds", {"offerGroup": group, "tokens": 2},
+                                  iam=True).status == 201
+        assert consume(local_service, user, group, 50).error == "insufficient_credits"
+        got = emitted.read()
+        assert got["Consumes"] == 0 and got["HoldsPlaced"] == 0 and got["ConsumeRefusals"] == 1, got
+    got = emitted.read()
+    assert got["Consumes"] == 1 and got["HoldsPlaced"] == 1 and got["LedgerEntries"] == 2, got
+
+
 def test_a_consume_of_expired_credits_emits_consume_refusals(
     local_service: Service, emitted: Emitted, ids: Any
 ) -> None:

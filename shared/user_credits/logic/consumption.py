@@ -75,7 +75,7 @@ def draw(
             raise
         if isinstance(decided, StoredResponse):
             return ConsumeResult(decided.status_code, decided.body)
-        count("Consumes" if placing is None else "HoldsPlaced")
+        # `Consumes` and `HoldsPlaced` are counted from the write's stream record (logic.stream).
         return ConsumeResult(200 if placing is None else 201, decided.receipt())
     raise ServiceBusy("the first request with this Idempotency-Key is still being recorded, retry shortly")
 

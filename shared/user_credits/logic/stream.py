@@ -127,7 +127,22 @@ def _apply(
             events.append(low)
     if events:
         send(stamped(write.change.change_id, events))
+    if isinstance(write, GroupWrite) and (drawn := _drawn(write)) is not None:
+        count(drawn)
     return marker
+
+
+def _drawn(write: GroupWrite) -> str | None:
+    """`Consumes` or `HoldsPlaced` for the record of a consume's or a hold's one write (its one movement,
+    `consume` with no hold, or `hold`). Counted here, where its ledger entry is written, and not in the
+    handler: the hot route then prints no EMF line per request (~0.05 ms of its CPU, one log line per
+    consume). Like the events, at least once: a batch delivered again counts again."""
+    if len(write.change.movements) != 1:
+        return None
+    movement = write.change.movements[0]
+    if movement.reason == "hold":
+        return "HoldsPlaced"
+    return "Consumes" if movement.reason == "consume" and movement.hold_id is None else None
 
 
 def _keyed_answer(write: GroupWrite) -> tuple[int, dict[str, Any]]:
