@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -382,6 +383,8 @@ def _worker(index: int, conn: Any, env: dict[str, str], slots: Any) -> None:
                 conn.send(("ok", hook.take()))
             elif kind == "profile":
                 conn.send(("ok", _profile(runners, command[1], command[2], command[3])))
+            elif kind == "slices":
+                conn.send(("ok", _slices(runners, index, *command[1:])))
         except Exception:
             conn.send(("error", traceback.format_exc(limit=5)))
 
@@ -453,6 +456,44 @@ def _run(runner: Any, index: int, users: list[str], start_at: float, duration: f
     if counter is not None:
         result["calls"] = counter.take()
     return result
+
+
+def _slices(runners: dict[str, Any], index: int, plan: list[str], users: dict[str, list[str]], start_at: float,
+            slice_s: float, gap_s: float, rounds: int) -> dict[str, Any]:
+    """Interleaved slices: round r runs each implementation of `plan` for one window of `slice_s`, in
+    `plan`'s order on even rounds and reversed on odd ones. Windows follow one wall-clock schedule shared
+    by every worker, so at any moment all workers run the same implementation, and a load change on the
+    machine lasting seconds weighs on all of them alike. A window's requests start after its first
+    `gap_s` (the previous window's last requests finish there) and before its end. Successes per window."""
+    rng = random.Random(index)
+    events = {impl: {user: runners[impl].prepare(user) for user in users[impl]} for impl in plan}
+    ok: dict[str, list[int]] = {impl: [0] * rounds for impl in plan}
+    other: dict[str, dict[str, int]] = {impl: {} for impl in plan}
+    window = start_at
+    for r in range(rounds):
+        for impl in plan if r % 2 == 0 else list(reversed(plan)):
+            runner, pool, prepared = runners[impl], users[impl], events[impl]
+            fresh = (len(pool) > 1 and isinstance(runner, _Ours)) or runner.fresh
+            begin, end = window + gap_s, window + slice_s
+            window = end
+            pause = begin - time.time()
+            if pause > 0:
+                time.sleep(pause)
+            while time.time() < end:
+                user = pool[0] if len(pool) == 1 else rng.choice(pool)
+                try:
+                    outcome = runner.call(prepared[user])
+                except Exception as error:
+                    outcome = f"exception:{type(error).__name__}"
+                if outcome == "ok":
+                    ok[impl][r] += 1
+                else:
+                    other[impl][outcome] = other[impl].get(outcome, 0) + 1
+                if fresh:
+                    prepared[user] = runner.prepare(user)
+            if hasattr(runner, "done"):
+                runner.done()
+    return {"ok": ok, "other": other}
 
 
 def _grant_loop(ours: _Ours, user: str, start_at: float, duration: float, interval: float) -> dict[str, Any]:
@@ -757,7 +798,8 @@ def ours_ok(row: dict[str, Any]) -> bool:
 def run(engine: Engine, *, workers: tuple[int, ...] = (1, 2, 4, 8), duration: float = 5.0,
         many_users: int = 1000, many_workers: int = 8, small_balance: int = 100,
         small_duration: float = 2.0, conflict_workers: int = 4, conflict_duration: float = 3.0,
-        grant_interval: float = 0.05, profile_requests: int = 300) -> dict[str, Any]:
+        grant_interval: float = 0.05, profile_requests: int = 300, interleaved_workers: tuple[int, ...] = (1, 4),
+        rounds: int = 12, slice_s: float = 0.3) -> dict[str, Any]:
     from benchmarks.conflicts import SLOTS
     from user_credits.events import publisher
 
@@ -818,6 +860,8 @@ def run(engine: Engine, *, workers: tuple[int, ...] = (1, 2, 4, 8), duration: fl
                 for impl in order:
                     parts[impl].append(_measure(b, impl, count, population[impl], duration / 2, label))
             rows.extend(_merge(parts[impl]) for impl in many)
+        interleaved = _interleaved(b, implementations, interleaved_workers, rounds, slice_s, big,
+                                   {impl: population[impl] for impl in many}, label)
         if ready:
             conflict_rows = _conflicts(b, conflict_workers, conflict_duration, grant_interval, big)
             profile_user, floor_user = new_id("profile-ours"), new_id("profile-floor")
@@ -835,11 +879,50 @@ def run(engine: Engine, *, workers: tuple[int, ...] = (1, 2, 4, 8), duration: fl
             floor = next((r for r in rows if r["implementation"] == "floor" and r["scenario"] == row["scenario"]
                           and r["workers"] == row["workers"]), None)
             row["ratio_to_floor"] = row["per_second"] / floor["per_second"] if floor and floor["per_second"] else None
-    return {"rows": rows, "conflicts": conflict_rows, "profile": profile, "duration_s": duration,
+    return {"rows": rows, "interleaved": interleaved, "conflicts": conflict_rows, "profile": profile,
+            "duration_s": duration,
             "implementations": list(implementations), "seconds": time.perf_counter() - started,
             "stream_total": vars(stream.total), "stream_errors": stream.errors, "grant_interval_s": grant_interval,
             "ours_is": "the real consume handler (functions/consume, app.handler) called with API Gateway HTTP "
                        "API v2 events in warm worker processes"}
+
+
+INTERLEAVED_GAP_S = 0.02
+
+
+def _interleaved(b: Bench, implementations: tuple[str, ...], workers: tuple[int, ...], rounds: int, slice_s: float,
+                 big: int, population: dict[str, list[str]], many_label: str) -> list[dict[str, Any]]:
+    """Each implementation against the floor in short windows interleaved in time (`_slices`): per round,
+    the ratio of its window's successes to the floor's (equal windows, so equal times); the median of the
+    rounds is the figure, its spread shows the noise. Correctness is checked by the runs above, not here."""
+    plan = [impl for impl in (*AGAINST_FLOOR, "floor") if impl in implementations]
+    if "floor" not in plan or len(plan) < 2:
+        return []
+    hot = {impl: [new_id(f"slices-{impl}")] for impl in plan}
+    for impl in plan:
+        _seed(b, impl, hot[impl], big)
+    out = []
+    for label, users in (("one hot balance", hot), (many_label, population)):
+        if any(impl not in users for impl in plan):
+            continue
+        for count in workers:
+            start_at = time.time() + 0.5
+            answers = b.pool.ask(count, ("slices", plan, users, start_at, slice_s, INTERLEAVED_GAP_S, rounds))
+            ok = {impl: [sum(a["ok"][impl][r] for a in answers) for r in range(rounds)] for impl in plan}
+            other: dict[str, dict[str, int]] = {impl: {} for impl in plan}
+            for answer in answers:
+                for impl in plan:
+                    _add(other[impl], answer["other"][impl])
+            ratios = {impl: [ok[impl][r] / ok["floor"][r] if ok["floor"][r] else 0.0 for r in range(rounds)]
+                      for impl in plan if impl != "floor"}
+            out.append({"scenario": label, "workers": count, "rounds": rounds, "slice_s": slice_s,
+                        "gap_s": INTERLEAVED_GAP_S, "ok": ok, "other": other, "ratios": ratios,
+                        "median": {impl: statistics.median(values) for impl, values in ratios.items()}})
+            b.stream.drain()
+            print(f"  interleaved, {label}, N={count}: "
+                  + ", ".join(f"{impl} {out[-1]['median'][impl]:.2f}x" for impl in ratios), file=sys.stderr,
+                  flush=True)
+    return out
 
 
 def _conflicts(b: Bench, consumers: int, duration: float, interval: float, big: int) -> list[dict[str, Any]]:
@@ -951,6 +1034,8 @@ def markdown(result: dict[str, Any]) -> str:
     pairs = [r for r in result["rows"] if r["implementation"] == "ours_holds"]
     if pairs:
         out += ["", pairs_markdown(pairs)]
+    if result.get("interleaved"):
+        out += ["", interleaved_markdown(result["interleaved"])]
     if result.get("conflicts"):
         out += ["", conflicts_markdown(result)]
     if result.get("profile"):
@@ -961,6 +1046,33 @@ def markdown(result: dict[str, Any]) -> str:
                 "worker, N=1, production logging and metrics; cProfile own time per layer, C functions charged to "
                 "their callers, socket calls apart; `benchmarks/consume_profile.py`):", "", profile_markdown(p)]
     return "\n".join(out)
+
+
+def interleaved_markdown(rows: list[dict[str, Any]]) -> str:
+    first = rows[0]
+    text = (f"Interleaved slices (`_slices`): the same workers run each implementation in turn, in windows of "
+            f"{first['slice_s']:.2f} s on one wall-clock schedule ({first['rounds']} rounds, the order reversed "
+            "every other round, requests started from 0.02 s into a window to its end), so that a change of "
+            "load on this shared machine lands on every implementation within a second. Per round, the ratio "
+            "of an implementation's successes (pairs for `ours_holds`) to the floor's in the same round; the "
+            "figure is the median of the rounds, with their range. The rows above measure each implementation "
+            "in two halves of several seconds each, and their ratios move by as much as 0.2 from one run to the "
+            "next; these are the steadier figure. Correctness is checked by the runs above, not here.")
+    impls = [impl for impl in first["ratios"]]
+    table_rows = []
+    for r in rows:
+        cells = [r["scenario"], str(r["workers"])]
+        for impl in impls:
+            values = r["ratios"][impl]
+            cells.append(f"**{r['median'][impl]:.2f}x** ({min(values):.2f}-{max(values):.2f})")
+        window = r["slice_s"] - r["gap_s"]
+        cells.append(f"{sum(r['ok']['floor']) / (window * r['rounds']):,.0f}/s")
+        others = {f"{impl} {k}": v for impl in r["other"] for k, v in r["other"][impl].items()}
+        cells.append(", ".join(f"{k}: {v:,}" for k, v in sorted(others.items())) or "none")
+        table_rows.append(cells)
+    return text + "\n\n" + markdown_table(
+        ["scenario", "N", *[f"{impl} / floor (median, range)" for impl in impls], "floor writes/s in its windows",
+         "answers other than success"], table_rows)
 
 
 def pair_calls(row: dict[str, Any]) -> dict[str, Any]:
